@@ -1,0 +1,190 @@
+"""Normalization of ``(N, C, *S)`` input with batch, instance or group statistics, in one autograd op.
+
+This is the engine behind BatchNorm (statistics per channel over the batch and space), mean-only
+BatchNorm, InstanceNorm (per sample and channel), GroupNorm (per sample and channel group) and the
+channel-first LayerNorm (GroupNorm with one group). With ``g`` a statistics group, ``c`` a channel:
+
+    mode "standard":  x_hat = (x - mu_g) / sqrt(var_g + eps)
+    mode "mean":      x_hat = x - mu_g                         (mean-only BatchNorm)
+    mode "rms":       x_hat = x / sqrt(mean_g(x^2) + eps)       (RMSNorm: no centring)
+    y = gamma_c * x_hat + beta_c
+
+Forward: per-(n, c) moments (:func:`normzoo.kernels.prepare`) merged into group moments
+(:meth:`normzoo.stats.Moments.reduce`), then one affine pass ``y = a * x + b``.
+
+Backward (derived once for all policies; ``M_g`` elements per group, sums over the group):
+
+    dbeta_c  = sum dy,    dgamma_c = sum dy * x_hat
+    dx = rstd_g * (gamma_c dy - (1/M_g) sum gamma dy - x_hat (1/M_g) sum gamma dy x_hat)
+
+(mode "mean": rstd = 1 and no x_hat term; mode "rms": no mean term.)
+
+computed from the per-(n, c) sums ``S1 = sum_S dy``, ``S2 = sum_S dy x`` and one pass
+``dx = k1 dy + k2 x + k3``. Saved for backward: ``x`` (or its centred copy) and ``O(N C)`` statistics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from normzoo import kernels
+from normzoo.stats import Moments
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which per-(n, c) rows form one statistics group.
+
+    ``over``: ``"batch"`` (group = channel, over N and space), ``"instance"`` (group = (n, c)),
+    ``"group"`` (group = (n, channel group), ``groups`` groups of consecutive channels).
+    """
+
+    over: str
+    groups: int = 1
+
+    def group_count(self, x: Tensor) -> int:
+        """Elements per statistics group for input ``x`` of shape ``(N, C, *S)``."""
+        per_row = x.numel() // (x.shape[0] * x.shape[1])
+        if self.over == "batch":
+            return per_row * x.shape[0]
+        if self.over == "group":
+            return per_row * (x.shape[1] // self.groups)
+        return per_row
+
+    def reduce(self, rows: Moments) -> Moments:
+        """Group moments from per-(n, c) moments; shapes ``(1, C)``, ``(N, C)`` or ``(N, G)``."""
+        if self.over == "batch":
+            return rows.reduce(0, keepdim=True)
+        if self.over == "instance":
+            return rows
+        n, c = rows.mean.shape
+        return rows.reshape(n, self.groups, c // self.groups).reduce(2)
+
+    def group_sum(self, t: Tensor) -> Tensor:
+        """Sum a per-(n, c) tensor within each statistics group (same shapes as :meth:`reduce`)."""
+        if self.over == "batch":
+            return t.sum(0, keepdim=True)
+        if self.over == "instance":
+            return t
+        n, c = t.shape
+        return t.view(n, self.groups, c // self.groups).sum(2)
+
+    def expand(self, t: Tensor, num_channels: int) -> Tensor:
+        """Per-group tensor -> broadcastable to ``(N, C)``."""
+        if self.over == "group":
+            n = t.shape[0]
+            return t.unsqueeze(2).expand(n, self.groups, num_channels // self.groups).reshape(n, num_channels)
+        return t
+
+
+def _coefficients(
+    p: kernels.Prepared, group: Moments, policy: Policy, weight: Optional[Tensor], bias: Optional[Tensor],
+    eps: float, mode: str
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-(n, c) ``a``, ``b`` of ``y = a * x_work + b``, the centre ``mu - shift`` and ``rstd``."""
+    c = p.rows.mean.shape[1]
+    if mode == "rms":
+        mean_sq = group.var(0) + group.mean.square()
+        centre = -p.shift_or_zero()
+        rstd = policy.expand(torch.rsqrt(mean_sq + eps), c)
+    else:
+        centre = policy.expand(group.mean, c) - p.shift_or_zero()
+        if mode == "mean":
+            rstd = torch.ones_like(centre)
+        else:
+            rstd = policy.expand(torch.rsqrt(group.var(0) + eps), c)
+    a = rstd if weight is None else rstd * weight.to(rstd.dtype)
+    b = -a * centre
+    if bias is not None:
+        b = b + bias.to(b.dtype)
+    return a, b, centre, rstd
+
+
+class _ChannelNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], policy: Policy,
+                eps: float, mode: str, prepared: Optional[kernels.Prepared]) -> Tuple[Tensor, Tensor, Tensor]:
+        p = prepared if prepared is not None else kernels.prepare(x)
+        group = policy.reduce(p.rows)
+        a, b, centre, rstd = _coefficients(p, group, policy, weight, bias, eps, mode)
+        y = kernels.affine(p.x, a, b)
+        ctx.policy, ctx.mode = policy, mode
+        ctx.count = group.count
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.save_for_backward(p.x, weight, centre, rstd)
+        ctx.mark_non_differentiable(group.mean, group.m2)
+        return y, group.mean, group.m2
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, _dmean: Tensor, _dm2: Tensor):  # type: ignore[override]
+        x, weight, centre, rstd = ctx.saved_tensors  # centre = mean - shift, per (n, c); x_hat = (x - centre) rstd
+        policy: Policy = ctx.policy
+        s1, s2 = kernels.grad_sums(dy, x)
+        a_sum = rstd * (s2 - centre * s1)  # per (n, c): sum_S dy * x_hat
+        dweight = a_sum.sum(0) if ctx.has_weight and ctx.needs_input_grad[1] else None
+        dbias = s1.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            gamma = weight.to(rstd.dtype) if weight is not None else None
+            c = x.shape[1]
+            count = ctx.count
+            k1 = rstd if gamma is None else rstd * gamma
+            k3 = torch.zeros_like(rstd)
+            if ctx.mode != "rms":  # the gradient through the mean
+                g1 = s1 if gamma is None else s1 * gamma
+                k3 = k3 - rstd * policy.expand(policy.group_sum(g1), c) / count
+            k2 = None
+            if ctx.mode != "mean":  # the gradient through the variance (or mean square)
+                g2 = a_sum if gamma is None else a_sum * gamma
+                c_g = policy.expand(policy.group_sum(g2), c) / count
+                k2 = -rstd * rstd * c_g
+                k3 = k3 - k2 * centre
+            dx = kernels.affine_grad(dy, x, k1, k2, k3)
+        return dx, dweight, dbias, None, None, None, None
+
+
+def channel_norm(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    policy: Policy,
+    eps: float = 1e-5,
+    mode: str = "standard",
+    prepared: Optional[kernels.Prepared] = None,
+) -> Tuple[Tensor, Moments]:
+    """Normalize ``x`` of shape ``(N, C, *S)`` with statistics of the given :class:`Policy`.
+
+    ``mode``: ``"standard"``, ``"mean"`` (mean-only) or ``"rms"`` (see the module doc).
+    Returns ``(y, group_moments)``; the moments (float32, detached) serve running-statistics updates.
+    ``weight``/``bias`` (shape ``(C,)``) may be any autograd expressions (Batch Renorm passes
+    ``gamma * r`` and ``beta + gamma * d``). ``prepared`` lets a caller that needed the statistics
+    first (to compute its own coefficients) hand over :func:`normzoo.kernels.prepare`'s result
+    instead of reading ``x`` again.
+    """
+    if mode not in ("standard", "mean", "rms"):
+        raise ValueError(f"channel_norm: mode must be 'standard', 'mean' or 'rms', got {mode!r}")
+    y, mean, m2 = _ChannelNormFn.apply(x, weight, bias, policy, eps, mode, prepared)
+    return y, Moments(policy.group_count(x), mean, m2)
+
+
+def fixed_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 eps: float, mean_only: bool = False) -> Tensor:
+    """Normalize with given (running) per-channel statistics: ``y = gamma (x - mean) / sqrt(var + eps) + beta``.
+
+    One pass, differentiable in ``x``, ``weight`` and ``bias`` through plain autograd (the statistics are
+    constants here, as in eval mode).
+    """
+    acc = mean.dtype if mean.dtype == torch.float64 else torch.float32
+    rstd = torch.ones_like(mean, dtype=acc) if mean_only else torch.rsqrt(var.to(acc) + eps)
+    a = rstd if weight is None else rstd * weight.to(acc)
+    b = -a * mean.to(acc)
+    if bias is not None:
+        b = b + bias.to(acc)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.addcmul(b.to(x.dtype).view(shape), x, a.to(x.dtype).view(shape))
+
+
+__all__ = ["Policy", "channel_norm", "fixed_affine"]

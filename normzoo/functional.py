@@ -1,0 +1,217 @@
+"""Functional forms of the normalization layers, drop-in with ``torch.nn.functional``.
+
+Every function is "statistics, then an affine map" on the statistics core (:mod:`normzoo.stats`) and
+the channel-norm engine (:mod:`normzoo.channel_norm`). Signatures follow ``torch.nn.functional``.
+
+Running statistics (torch's convention, also in the modules):
+``running = (1 - momentum) * running + momentum * batch_statistic``, where the batch variance is the
+**unbiased** one, ``M2 / (m - 1)`` with ``m`` the number of elements per channel (the ``m/(m-1)``
+correction of the seeds and the BN paper). The NumPy reference uses CS231n's opposite convention
+(``momentum=0.9`` keeps 90% of the old value); see :mod:`normzoo.reference`.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from normzoo import _checks
+from normzoo.channel_norm import Policy, channel_norm, fixed_affine
+from normzoo.stats import Moments
+
+_Shape = Union[int, Sequence[int], torch.Size]
+
+
+def update_running_stats(
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], batch: Moments, momentum: float
+) -> None:
+    """In place: ``running = (1 - momentum) * running + momentum * batch`` (unbiased batch variance).
+
+    ``batch`` holds one group per channel (shape ``(C,)``, or ``(1, C)``). Instance statistics of shape
+    ``(N, C)`` are averaged over the batch first, as torch does for InstanceNorm.
+    """
+    with torch.no_grad():
+        mean = batch.mean
+        var = batch.var(1) if batch.count > 1 else torch.zeros_like(batch.m2)
+        if mean.dim() == 2:
+            mean, var = mean.mean(0), var.mean(0)
+        if running_mean is not None:
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        if running_var is not None:
+            running_var.lerp_(var.to(running_var.dtype), momentum)
+
+
+def _batch_norm_impl(name: str, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                     weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
+                     eps: float, mode: str) -> Tensor:
+    _checks.check_input(name, input, (2, 3, 4, 5), shape_hint="(N, C, *spatial)")
+    _checks.check_eps(name, eps)
+    c = input.shape[1]
+    for pname, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _checks.check_param(name, pname, p, (c,))
+    use_batch = training or running_mean is None or (mode != "mean" and running_var is None)
+    if not use_batch:
+        return fixed_affine(input, running_mean, running_var, weight, bias, eps, mean_only=mode == "mean")
+    count = input.numel() // c if input.numel() else 0
+    if mode != "mean":
+        _checks.check_batch_stats(name, input, count)
+    elif count == 0:
+        _checks.check_batch_stats(name, input, count)
+    y, batch = channel_norm(input, weight, bias, Policy("batch"), eps, mode=mode)
+    if training and (running_mean is not None or running_var is not None):
+        update_running_stats(running_mean, running_var, batch.reshape(c), momentum)
+    return y
+
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Batch Normalization (Ioffe & Szegedy 2015), as ``torch.nn.functional.batch_norm``.
+
+    ``input``: ``(N, C)`` or ``(N, C, *S)``. Training (or no running statistics): per channel over N and S,
+    ``y = gamma (x - mu_B) / sqrt(var_B + eps) + beta`` with the biased batch variance, and the running
+    statistics (if given) updated in place with the unbiased one. Eval: the running statistics.
+    """
+    return _batch_norm_impl("batch_norm", input, running_mean, running_var, weight, bias, training, momentum, eps,
+                            "standard")
+
+
+def mean_only_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor] = None,
+                         weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                         momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Mean-only Batch Normalization (Salimans & Kingma 2016, section 4), the partner of weight normalization.
+
+    ``y = gamma (x - mu_B) + beta``: the batch mean is subtracted, nothing is divided. The paper's form has
+    no ``gamma`` (weight normalization's ``g`` provides the scale); pass ``weight=None`` for it. The
+    running variance, if given, is tracked for information (and torch-checkpoint compatibility) only.
+    ``eps`` is unused by the normalization and kept for signature compatibility.
+    """
+    return _batch_norm_impl("mean_only_batch_norm", input, running_mean, running_var, weight, bias, training,
+                            momentum, eps, "mean")
+
+
+def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+                  weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, use_input_stats: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Instance Normalization (Ulyanov et al. 2016), as ``torch.nn.functional.instance_norm``.
+
+    ``input``: ``(N, C, *S)`` (also ``(C, *S)`` unbatched is accepted by the modules). Statistics per
+    (sample, channel) over S. Running statistics, if given, are updated with the batch average of the
+    per-instance mean and unbiased variance (torch's rule).
+    """
+    name = "instance_norm"
+    _checks.check_input(name, input, (3, 4, 5), shape_hint="(N, C, *spatial)")
+    _checks.check_eps(name, eps)
+    c = input.shape[1]
+    for pname, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _checks.check_param(name, pname, p, (c,))
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError(f"{name}: use_input_stats=False needs running_mean and running_var")
+        return fixed_affine(input, running_mean, running_var, weight, bias, eps)
+    spatial = input.numel() // (input.shape[0] * c) if input.numel() else 0
+    _checks.check_batch_stats(name, input, spatial, "spatial element per channel")
+    y, inst = channel_norm(input, weight, bias, Policy("instance"), eps)
+    if running_mean is not None or running_var is not None:
+        update_running_stats(running_mean, running_var, inst, momentum)
+    return y
+
+
+def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5) -> Tensor:
+    """Group Normalization (Wu & He 2018), as ``torch.nn.functional.group_norm``.
+
+    ``input``: ``(N, C, *S)``; statistics per sample over each group of ``C / num_groups`` consecutive
+    channels and S; ``weight``/``bias`` per channel.
+    """
+    name = "group_norm"
+    _checks.check_input(name, input, (2, 3, 4, 5), shape_hint="(N, C, *spatial)")
+    _checks.check_eps(name, eps)
+    c = input.shape[1]
+    _checks.check_groups(name, num_groups, c)
+    _checks.check_param(name, "weight", weight, (c,))
+    _checks.check_param(name, "bias", bias, (c,))
+    return channel_norm(input, weight, bias, Policy("group", num_groups), eps)[0]
+
+
+def layer_norm_2d(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                  eps: float = 1e-5) -> Tensor:
+    """Channel-first Layer Normalization for ``(N, C, *S)``: statistics per sample over C and S (as the LN
+    paper defines it for convolutions), ``weight``/``bias`` per channel. Equal to ``group_norm`` with one group.
+
+    Not to be confused with the per-position LayerNorm over C alone used by ConvNeXt-style models.
+    """
+    name = "layer_norm_2d"
+    _checks.check_input(name, input, (3, 4, 5), shape_hint="(N, C, *spatial)")
+    _checks.check_eps(name, eps)
+    c = input.shape[1]
+    _checks.check_param(name, "weight", weight, (c,))
+    _checks.check_param(name, "bias", bias, (c,))
+    return channel_norm(input, weight, bias, Policy("group", 1), eps)[0]
+
+
+def _as_shape(normalized_shape: _Shape) -> List[int]:
+    if isinstance(normalized_shape, int):
+        return [normalized_shape]
+    return [int(s) for s in normalized_shape]
+
+
+def _last_dims_norm(name: str, input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor],
+                    bias: Optional[Tensor], eps: float, mode: str) -> Tensor:
+    """Normalize over the trailing ``normalized_shape`` dims: rows ``(R, D)`` with a per-element affine."""
+    shape = _as_shape(normalized_shape)
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor input, got {type(input).__name__}")
+    _checks.check_floating(name, input)
+    _checks.check_eps(name, eps)
+    k = len(shape)
+    if k == 0 or input.dim() < k or list(input.shape[input.dim() - k:]) != shape:
+        raise ValueError(
+            f"{name}: expected input whose last {k} dim(s) are normalized_shape={tuple(shape)}, "
+            f"got input of shape {tuple(input.shape)}"
+        )
+    _checks.check_param(name, "weight", weight, shape)
+    _checks.check_param(name, "bias", bias, shape)
+    d = math.prod(shape)
+    rows = input.reshape(-1, d)
+    w = weight.reshape(d) if weight is not None else None
+    b = bias.reshape(d) if bias is not None else None
+    y, _ = channel_norm(rows, w, b, Policy("group", 1), eps, mode=mode)
+    return y.view(input.shape)
+
+
+def layer_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """Layer Normalization (Ba et al. 2016), as ``torch.nn.functional.layer_norm``: statistics over the last
+    ``len(normalized_shape)`` dims, element-wise ``weight``/``bias`` of shape ``normalized_shape``.
+
+    Unlike torch's kernel, which computes ``E[x^2] - E[x]^2``-style moments and loses the variance of data
+    with a large mean (mean 1e4, std 1e-3 in float32), the statistics here are guarded (see :mod:`normzoo.stats`).
+    """
+    return _last_dims_norm("layer_norm", input, normalized_shape, weight, bias, eps, "standard")
+
+
+def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None,
+             eps: Optional[float] = None) -> Tensor:
+    """Root Mean Square Layer Normalization (Zhang & Sennrich 2019), as ``torch.nn.functional.rms_norm``.
+
+    ``y = x / sqrt(mean(x^2) + eps) * weight`` over the last dims. ``eps=None`` means
+    ``torch.finfo(input.dtype).eps``, as torch does.
+    """
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps if isinstance(input, Tensor) and input.is_floating_point() else 1e-6
+    return _last_dims_norm("rms_norm", input, normalized_shape, weight, None, eps, "rms")
+
+
+__all__ = [
+    "batch_norm",
+    "mean_only_batch_norm",
+    "instance_norm",
+    "group_norm",
+    "layer_norm",
+    "layer_norm_2d",
+    "rms_norm",
+    "update_running_stats",
+]

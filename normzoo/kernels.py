@@ -1,0 +1,137 @@
+"""The passes over full-size tensors: the only code in normzoo that touches every element.
+
+Every channel-wise method (BN and its family, IN, GN, channel-first LN, SN, BIN, ...) is computed from
+per-(sample, channel) quantities by four primitives, for an input ``x`` of shape ``(N, C, *S)`` (any
+memory format; ``S`` may be empty):
+
+1. :func:`prepare` -- per-(n, c) moments over ``S`` (forward pass 1, reads ``x``), plus the tensor that
+   the other passes read (``x`` itself, or ``x`` centred per (n, c) when that row is ill-conditioned,
+   see :mod:`normzoo.stats`).
+2. :func:`affine` -- ``y = a * x + b`` with per-(n, c) or per-channel ``a``, ``b`` (forward pass 2).
+3. :func:`grad_sums` -- ``S1 = sum_S dy`` and ``S2 = sum_S dy * x`` per (n, c) (backward pass 1).
+4. :func:`affine_grad` -- ``dx = k1 * dy + k2 * x + k3`` (backward pass 2).
+
+Everything between those passes is arithmetic on tensors of size ``N * C``. So any method costs what
+BatchNorm costs, and only ``x`` (or its centred copy) plus ``O(N * C)`` statistics is saved for backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from normzoo.stats import Moments, accumulation_dtype, centered_moments, ill_conditioned, raw_moments
+
+
+def spatial_dims(x: Tensor) -> Tuple[int, ...]:
+    """The dims after ``(N, C)``."""
+    return tuple(range(2, x.dim()))
+
+
+def per_nc(t: Tensor, x: Tensor) -> Tensor:
+    """View a ``(N, C)``, ``(1, C)`` or ``(C,)`` tensor so that it broadcasts against ``x`` of shape ``(N, C, *S)``."""
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    return t.view(t.shape + (1,) * (x.dim() - 2))
+
+
+@dataclass
+class Prepared:
+    """The result of :func:`prepare`.
+
+    ``rows``: per-(n, c) moments (``mean``/``m2`` of shape ``(N, C)``, ``count = prod(S)``), exact.
+    ``x``: the tensor the later passes read -- the input itself, or ``input - shift`` in the input dtype.
+    ``shift``: ``None``, or the ``(N, C)`` per-row shift (accumulation dtype) that was subtracted.
+    """
+
+    rows: Moments
+    x: Tensor
+    shift: Optional[Tensor]
+
+    def shift_or_zero(self) -> Tensor:
+        return self.shift if self.shift is not None else torch.zeros_like(self.rows.mean)
+
+
+def prepare(x: Tensor) -> Prepared:
+    """Per-(n, c) moments of ``x`` over its spatial dims, centring ill-conditioned rows.
+
+    Reads ``x`` once (twice if some row needs centring, then also writes the centred copy). Rows are
+    centred all together when any is ill-conditioned, around their own one-pass mean: the data then
+    has a mean near 0 and the one-pass formula is exact to the accumulation precision.
+    """
+    n, c = x.shape[:2]
+    dims = spatial_dims(x)
+    rows = raw_moments(x, dims, keepdim=False)
+    if not dims:  # one element per row: the "moments" are the values themselves, M2 = 0 exactly
+        return Prepared(rows, x, None)
+    if not bool(ill_conditioned(rows, x.dtype).any()):
+        return Prepared(rows, x, None)
+    shift = rows.mean
+    if x.dtype in (torch.float32, torch.float64):
+        xs = x - per_nc(shift.to(x.dtype), x)
+        shift_used = shift
+    else:  # shift by a value representable in the input dtype, and remember exactly that value
+        shift_lp = shift.to(x.dtype)
+        xs = x - per_nc(shift_lp, x)
+        shift_used = shift_lp.to(shift.dtype)
+    centred = raw_moments(xs, dims, keepdim=False)
+    if bool(ill_conditioned(centred, x.dtype).any()):  # still off (e.g. low precision): exact two-pass
+        centred = centered_moments(xs, dims, per_nc(centred.mean, xs), keepdim=False)
+    # mean = shift + (small centred mean) needs more digits than float32 has when |mean| >> std (an
+    # ulp of 1e4 in float32 is 1e-3): keep these O(N*C) statistics in float64.
+    shift64 = shift_used.double()
+    rows = Moments(centred.count, centred.mean.double() + shift64, centred.m2.double())
+    return Prepared(rows, xs, shift64)
+
+
+def affine(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``y = a * x + b`` with ``a``, ``b`` per (n, c) (shape ``(N, C)``) or per channel (``(C,)``).
+
+    One pass; the output keeps ``x``'s memory format and dtype. For bfloat16/float16 input the
+    arithmetic runs in float32 and the result is rounded once (coefficients rounded to 8 bits would
+    add up to 2^-9 relative error on top of the output's own rounding).
+    """
+    if _low_precision(x):
+        y = torch.empty_like(x)
+        return torch.addcmul(per_nc(b.float(), x), x, per_nc(a.float(), x), out=y)
+    return torch.addcmul(per_nc(b.to(x.dtype), x), x, per_nc(a.to(x.dtype), x))
+
+
+def _low_precision(x: Tensor) -> bool:
+    return x.dtype not in (torch.float32, torch.float64)
+
+
+def grad_sums(dy: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """``S1 = sum_S dy`` and ``S2 = sum_S dy * x``, each ``(N, C)`` in the accumulation dtype."""
+    acc = accumulation_dtype(x.dtype)
+    dims = spatial_dims(x)
+    if not dims:
+        dy_acc = dy.to(acc)
+        return dy_acc, dy_acc * x.to(acc)
+    s1 = dy.sum(dims, dtype=acc)
+    n, c = x.shape[:2]
+    if x.dtype == acc and x.is_contiguous() and dy.is_contiguous():
+        # batched dot products: no full-size temporary
+        s2 = torch.bmm(dy.view(n * c, 1, -1), x.view(n * c, -1, 1)).view(n, c)
+    else:
+        s2 = torch.mul(dy, x).sum(dims, dtype=acc)
+    return s1, s2
+
+
+def affine_grad(dy: Tensor, x: Tensor, k1: Tensor, k2: Optional[Tensor], k3: Tensor) -> Tensor:
+    """``dx = k1 * dy + k2 * x + k3`` with per-(n, c) or per-channel coefficients (``k2`` may be None).
+
+    Two passes with the stock PyTorch kernels; the result keeps ``dy``'s memory format and ``x``'s dtype
+    (float32 arithmetic for low-precision input, as in :func:`affine`).
+    """
+    dt = torch.float32 if _low_precision(x) else x.dtype
+    dx = torch.empty_like(dy, dtype=x.dtype)
+    torch.addcmul(per_nc(k3.to(dt), x), dy, per_nc(k1.to(dt), x), out=dx)
+    if k2 is not None:
+        torch.addcmul(dx, x, per_nc(k2.to(dt), x), out=dx)
+    return dx
+
+
+__all__ = ["Prepared", "prepare", "affine", "grad_sums", "affine_grad", "per_nc", "spatial_dims"]

@@ -1,0 +1,109 @@
+"""The shared base of every layer with per-channel parameters and running statistics.
+
+Mirrors ``torch.nn``'s BatchNorm/InstanceNorm base: the same constructor arguments, parameters
+(``weight``, ``bias``), buffers (``running_mean``, ``running_var``, ``num_batches_tracked``) and hence
+state_dict keys, ``reset_parameters``, ``reset_running_stats``, and the same rule for the momentum:
+``momentum=None`` makes the running statistics the cumulative average of all batches seen
+(factor ``1 / num_batches_tracked``), the seeds' "store every batch's statistics" in O(C) memory.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from normzoo import _checks
+
+
+class NormBase(nn.Module):
+    """Per-channel affine parameters and running statistics (``torch.nn`` layout)."""
+
+    _version = 2
+    #: Dims of input the layer accepts (batched), and whether an unbatched input (one dim less) is allowed.
+    _input_dims: Tuple[int, ...] = ()
+    _shape_hint: str = ""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device: Any = None, dtype: Any = None) -> None:
+        name = type(self).__name__
+        _checks.check_positive_int(name, "num_features", num_features)
+        _checks.check_eps(name, eps)
+        _checks.check_momentum(name, momentum)
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}),
+            )
+            self.running_mean: Optional[Tensor]
+            self.running_var: Optional[Tensor]
+            self.num_batches_tracked: Optional[Tensor]
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()  # type: ignore[union-attr]
+            self.running_var.fill_(1)  # type: ignore[union-attr]
+            self.num_batches_tracked.zero_()  # type: ignore[union-attr]
+
+    def reset_parameters(self) -> None:
+        """Running statistics to mean 0 / variance 1, ``weight`` (gamma) to 1 and ``bias`` (beta) to 0."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            "{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
+            "track_running_stats={track_running_stats}".format(**self.__dict__)
+        )
+
+    # -- the forward protocol ------------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> Tensor:
+        return _checks.check_input(type(self).__name__, x, self._input_dims, self.num_features, self._shape_hint)
+
+    def _momentum_factor(self) -> float:
+        """Advance ``num_batches_tracked`` (training with tracking) and return this step's averaging factor."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return factor
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and self.track_running_stats:
+            # checkpoints from before num_batches_tracked existed (torch < 0.4.1) load with a zero count
+            key = prefix + "num_batches_tracked"
+            if key not in state_dict:
+                state_dict[key] = (
+                    self.num_batches_tracked
+                    if self.num_batches_tracked is not None and self.num_batches_tracked.device != torch.device("meta")
+                    else torch.tensor(0, dtype=torch.long)
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+__all__ = ["NormBase"]
