@@ -29,9 +29,10 @@ from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from normzoo import kernels
-from normzoo.stats import Moments
+from normzoo.stats import Moments, ill_conditioned
 
 
 @dataclass(frozen=True)
@@ -80,27 +81,23 @@ class Policy:
         return t
 
 
-def _coefficients(
-    p: kernels.Prepared, group: Moments, policy: Policy, weight: Optional[Tensor], bias: Optional[Tensor],
-    eps: float, mode: str
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-(n, c) ``a``, ``b`` of ``y = a * x_work + b``, the centre ``mu - shift`` and ``rstd``."""
-    c = p.rows.mean.shape[1]
-    if mode == "rms":
-        mean_sq = group.var(0) + group.mean.square()
-        centre = -p.shift_or_zero()
-        rstd = policy.expand(torch.rsqrt(mean_sq + eps), c)
-    else:
-        centre = policy.expand(group.mean, c) - p.shift_or_zero()
-        if mode == "mean":
-            rstd = torch.ones_like(centre)
-        else:
-            rstd = policy.expand(torch.rsqrt(group.var(0) + eps), c)
-    a = rstd if weight is None else rstd * weight.to(rstd.dtype)
-    b = -a * centre
-    if bias is not None:
-        b = b + bias.to(b.dtype)
-    return a, b, centre, rstd
+def _group_scale(group: Moments, eps: float, mode: str) -> Tensor:
+    """Per-group ``rstd``: ``1/sqrt(var + eps)``, ``1`` (mean-only) or ``1/sqrt(mean(x^2) + eps)`` (RMS)."""
+    if mode == "mean":
+        return torch.ones_like(group.mean)
+    second = group.var(0) + group.mean.square() if mode == "rms" else group.var(0)
+    return torch.rsqrt(second + eps)
+
+
+def _centre(group_mean: Tensor, shift: Optional[Tensor], policy: Policy, num_channels: int, mode: str) -> Tensor:
+    """Per-(n, c) ``mu - shift`` (``-shift`` in RMS mode): ``x_hat = (x_work - centre) * rstd``."""
+    mean = torch.zeros_like(group_mean) if mode == "rms" else group_mean
+    centre = policy.expand(mean, num_channels)
+    return centre if shift is None else centre - shift
+
+
+def _with_weight(t: Tensor, weight: Optional[Tensor]) -> Tensor:
+    return t if weight is None else t * weight.to(t.dtype)
 
 
 class _ChannelNormFn(torch.autograd.Function):
@@ -109,37 +106,46 @@ class _ChannelNormFn(torch.autograd.Function):
                 eps: float, mode: str, prepared: Optional[kernels.Prepared]) -> Tuple[Tensor, Tensor, Tensor]:
         p = prepared if prepared is not None else kernels.prepare(x)
         group = policy.reduce(p.rows)
-        a, b, centre, rstd = _coefficients(p, group, policy, weight, bias, eps, mode)
+        if x.dim() == 2 and p.shift is None and bool(ill_conditioned(group, x.dtype).any()):
+            # one element per row: only the group shows that the data sits far from 0; centre on it
+            p = kernels.prepare(x, shift=policy.expand(group.mean, x.shape[1]))
+            group = policy.reduce(p.rows)
+        c = x.shape[1]
+        rstd_g = _group_scale(group, eps, mode)
+        a = _with_weight(policy.expand(rstd_g, c), weight)
+        b = -a * _centre(group.mean, p.shift, policy, c, mode)
+        if bias is not None:
+            b = b + bias.to(b.dtype)
         y = kernels.affine(p.x, a, b)
-        ctx.policy, ctx.mode = policy, mode
-        ctx.count = group.count
+        ctx.policy, ctx.mode, ctx.count = policy, mode, group.count
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        ctx.save_for_backward(p.x, weight, centre, rstd)
+        # saved: the tensor the forward read, and per-group statistics (per-(n, c) only for a shift)
+        ctx.save_for_backward(p.x, weight, group.mean, rstd_g, p.shift)
         ctx.mark_non_differentiable(group.mean, group.m2)
         return y, group.mean, group.m2
 
     @staticmethod
+    @once_differentiable  # statistics are saved as constants: a second derivative must fail, not be wrong
     def backward(ctx: Any, dy: Tensor, _dmean: Tensor, _dm2: Tensor):  # type: ignore[override]
-        x, weight, centre, rstd = ctx.saved_tensors  # centre = mean - shift, per (n, c); x_hat = (x - centre) rstd
+        x, weight, mean_g, rstd_g, shift = ctx.saved_tensors
         policy: Policy = ctx.policy
+        c = x.shape[1]
+        rstd = policy.expand(rstd_g, c)
+        centre = _centre(mean_g, shift, policy, c, ctx.mode)  # x_hat = (x - centre) * rstd
         s1, s2 = kernels.grad_sums(dy, x)
         a_sum = rstd * (s2 - centre * s1)  # per (n, c): sum_S dy * x_hat
         dweight = a_sum.sum(0) if ctx.has_weight and ctx.needs_input_grad[1] else None
         dbias = s1.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         dx = None
         if ctx.needs_input_grad[0]:
-            gamma = weight.to(rstd.dtype) if weight is not None else None
-            c = x.shape[1]
             count = ctx.count
-            k1 = rstd if gamma is None else rstd * gamma
+            k1 = _with_weight(rstd, weight)
             k3 = torch.zeros_like(rstd)
             if ctx.mode != "rms":  # the gradient through the mean
-                g1 = s1 if gamma is None else s1 * gamma
-                k3 = k3 - rstd * policy.expand(policy.group_sum(g1), c) / count
+                k3 = k3 - rstd * policy.expand(policy.group_sum(_with_weight(s1, weight)), c) / count
             k2 = None
             if ctx.mode != "mean":  # the gradient through the variance (or mean square)
-                g2 = a_sum if gamma is None else a_sum * gamma
-                c_g = policy.expand(policy.group_sum(g2), c) / count
+                c_g = policy.expand(policy.group_sum(_with_weight(a_sum, weight)), c) / count
                 k2 = -rstd * rstd * c_g
                 k3 = k3 - k2 * centre
             dx = kernels.affine_grad(dy, x, k1, k2, k3)

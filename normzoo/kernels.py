@@ -54,34 +54,35 @@ class Prepared:
         return self.shift if self.shift is not None else torch.zeros_like(self.rows.mean)
 
 
-def prepare(x: Tensor) -> Prepared:
+def prepare(x: Tensor, shift: Optional[Tensor] = None) -> Prepared:
     """Per-(n, c) moments of ``x`` over its spatial dims, centring ill-conditioned rows.
 
     Reads ``x`` once (twice if some row needs centring, then also writes the centred copy). Rows are
     centred all together when any is ill-conditioned, around their own one-pass mean: the data then
-    has a mean near 0 and the one-pass formula is exact to the accumulation precision.
+    has a mean near 0 and the one-pass formula is exact to the accumulation precision. A caller may
+    instead pass its own ``shift`` (``(N, C)`` or ``(1, C)``, e.g. a group mean when the rows hold a
+    single element and only the group can tell that the data sits far from 0).
     """
-    n, c = x.shape[:2]
     dims = spatial_dims(x)
-    rows = raw_moments(x, dims, keepdim=False)
-    if not dims:  # one element per row: the "moments" are the values themselves, M2 = 0 exactly
-        return Prepared(rows, x, None)
-    if not bool(ill_conditioned(rows, x.dtype).any()):
-        return Prepared(rows, x, None)
-    shift = rows.mean
-    if x.dtype in (torch.float32, torch.float64):
-        xs = x - per_nc(shift.to(x.dtype), x)
-        shift_used = shift
-    else:  # shift by a value representable in the input dtype, and remember exactly that value
-        shift_lp = shift.to(x.dtype)
-        xs = x - per_nc(shift_lp, x)
-        shift_used = shift_lp.to(shift.dtype)
+    if shift is None:
+        rows = raw_moments(x, dims, keepdim=False)
+        if not dims or not bool(ill_conditioned(rows, x.dtype).any()):
+            return Prepared(rows, x, None)
+        shift = rows.mean
+    return _prepare_shifted(x, shift)
+
+
+def _prepare_shifted(x: Tensor, shift: Tensor) -> Prepared:
+    dims = spatial_dims(x)
+    if x.dtype not in (torch.float32, torch.float64):
+        shift = shift.to(x.dtype)  # shift by a value the input dtype holds, and remember exactly that value
+    xs = x - per_nc(shift.to(x.dtype), x)
     centred = raw_moments(xs, dims, keepdim=False)
-    if bool(ill_conditioned(centred, x.dtype).any()):  # still off (e.g. low precision): exact two-pass
+    if dims and bool(ill_conditioned(centred, x.dtype).any()):  # still off (e.g. low precision): exact two-pass
         centred = centered_moments(xs, dims, per_nc(centred.mean, xs), keepdim=False)
     # mean = shift + (small centred mean) needs more digits than float32 has when |mean| >> std (an
     # ulp of 1e4 in float32 is 1e-3): keep these O(N*C) statistics in float64.
-    shift64 = shift_used.double()
+    shift64 = shift.double()
     rows = Moments(centred.count, centred.mean.double() + shift64, centred.m2.double())
     return Prepared(rows, xs, shift64)
 

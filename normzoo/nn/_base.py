@@ -17,7 +17,10 @@ from normzoo import _checks
 
 
 class NormBase(nn.Module):
-    """Per-channel affine parameters and running statistics (``torch.nn`` layout)."""
+    """Per-channel affine parameters and running statistics (``torch.nn`` layout).
+
+    ``bias=False`` (keyword-only, as in torch >= 2.13) keeps the ``weight`` but drops the additive ``beta``.
+    """
 
     _version = 2
     #: Dims of input the layer accepts (batched), and whether an unbatched input (one dim less) is allowed.
@@ -25,7 +28,8 @@ class NormBase(nn.Module):
     _shape_hint: str = ""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device: Any = None, dtype: Any = None) -> None:
+                 track_running_stats: bool = True, device: Any = None, dtype: Any = None, *,
+                 bias: bool = True) -> None:
         name = type(self).__name__
         _checks.check_positive_int(name, "num_features", num_features)
         _checks.check_eps(name, eps)
@@ -39,9 +43,11 @@ class NormBase(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
         else:
             self.register_parameter("weight", None)
+        if affine and bias:
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
             self.register_parameter("bias", None)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
@@ -68,19 +74,28 @@ class NormBase(nn.Module):
     def reset_parameters(self) -> None:
         """Running statistics to mean 0 / variance 1, ``weight`` (gamma) to 1 and ``bias`` (beta) to 0."""
         self.reset_running_stats()
-        if self.affine:
+        if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return (
-            "{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
-            "track_running_stats={track_running_stats}".format(**self.__dict__)
+            "{num_features}, eps={eps}, momentum={momentum}, affine={affine}, bias={use_bias}, "
+            "track_running_stats={track_running_stats}".format(**self.__dict__, use_bias=self.bias is not None)
         )
 
     # -- the forward protocol ------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> Tensor:
         return _checks.check_input(type(self).__name__, x, self._input_dims, self.num_features, self._shape_hint)
+
+    def _check_batch_stats(self, x: Tensor, per_sample: bool = False) -> None:
+        """Training on batch statistics needs more than one value per statistics group."""
+        per_row = x.numel() // (x.shape[0] * x.shape[1]) if x.numel() else 0
+        if per_sample:
+            _checks.check_batch_stats(type(self).__name__, x, per_row, "spatial element per channel")
+        else:
+            _checks.check_batch_stats(type(self).__name__, x, per_row * x.shape[0])
 
     def _momentum_factor(self) -> float:
         """Advance ``num_batches_tracked`` (training with tracking) and return this step's averaging factor."""

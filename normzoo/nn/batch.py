@@ -32,6 +32,8 @@ class _BatchNorm(NormBase):
         x = self._check_input(input)
         factor = self._momentum_factor()
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        if use_batch and self._function is F.batch_norm:
+            self._check_batch_stats(x)
         track = not self.training or self.track_running_stats
         return self._function(
             x,

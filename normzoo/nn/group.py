@@ -27,22 +27,23 @@ class _InstanceNorm(NormBase):
     ``y = gamma (x - mu_nc) / sqrt(var_nc + eps) + beta``. Defaults as torch: ``affine=False``,
     ``track_running_stats=False``. With tracking, training updates the running statistics with the batch
     average of the instance mean and unbiased variance, and eval uses them. Accepts unbatched input
-    (one dim less) as torch does.
+    (one dim less) as torch does. Unlike torch, ``num_batches_tracked`` counts the training batches
+    (torch leaves it at 0), which is what makes ``momentum=None`` a cumulative average here.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = False,
-                 track_running_stats: bool = False, device: Any = None, dtype: Any = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 track_running_stats: bool = False, device: Any = None, dtype: Any = None, *,
+                 bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
 
     def forward(self, input: Tensor) -> Tensor:
-        name = type(self).__name__
         if isinstance(input, Tensor) and input.dim() == self._input_dims[0] - 1:  # unbatched
             return self.forward(input.unsqueeze(0)).squeeze(0)
         x = self._check_input(input)
         factor = self._momentum_factor()
         use_input_stats = self.training or not self.track_running_stats
-        if not use_input_stats and self.running_mean is None:
-            raise ValueError(f"{name}: eval with running statistics needs track_running_stats=True")
+        if use_input_stats:
+            self._check_batch_stats(x, per_sample=True)
         track = self.track_running_stats
         return F.instance_norm(x, self.running_mean if track else None, self.running_var if track else None,
                                self.weight, self.bias, use_input_stats, factor, self.eps)
@@ -84,18 +85,21 @@ class InstanceNorm3d(_InstanceNorm):
 class _ChannelAffine(nn.Module):
     """Per-channel ``weight``/``bias`` for the per-sample channel-first layers (no running statistics)."""
 
-    def _init_affine(self, num_channels: int, affine: bool, device: Any, dtype: Any) -> None:
+    def _init_affine(self, num_channels: int, affine: bool, bias: bool, device: Any, dtype: Any) -> None:
         if affine:
             self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
         else:
             self.register_parameter("weight", None)
+        if affine and bias:
+            self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+        else:
             self.register_parameter("bias", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
 
@@ -109,20 +113,21 @@ class GroupNorm(_ChannelAffine):
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 device: Any = None, dtype: Any = None) -> None:
+                 device: Any = None, dtype: Any = None, *, bias: bool = True) -> None:
         _checks.check_positive_int("GroupNorm", "num_channels", num_channels)
         _checks.check_groups("GroupNorm", num_groups, num_channels)
         _checks.check_eps("GroupNorm", eps)
         super().__init__()
         self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
-        self._init_affine(num_channels, affine, device, dtype)
+        self._init_affine(num_channels, affine, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         _checks.check_input("GroupNorm", input, (2, 3, 4, 5), self.num_channels, "(N, C, *spatial)")
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return "{num_groups}, {num_channels}, eps={eps}, affine={affine}".format(**self.__dict__)
+        return "{num_groups}, {num_channels}, eps={eps}, affine={affine}, bias={use_bias}".format(
+            **self.__dict__, use_bias=self.bias is not None)
 
 
 def default_groups(num_channels: int, max_groups: int = 32) -> int:
@@ -145,19 +150,20 @@ class LayerNorm2d(_ChannelAffine):
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, device: Any = None,
-                 dtype: Any = None) -> None:
+                 dtype: Any = None, *, bias: bool = True) -> None:
         _checks.check_positive_int("LayerNorm2d", "num_channels", num_channels)
         _checks.check_eps("LayerNorm2d", eps)
         super().__init__()
         self.num_channels, self.eps, self.affine = num_channels, eps, affine
-        self._init_affine(num_channels, affine, device, dtype)
+        self._init_affine(num_channels, affine, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         _checks.check_input("LayerNorm2d", input, (3, 4, 5), self.num_channels, "(N, C, *spatial)")
         return F.layer_norm_2d(input, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return "{num_channels}, eps={eps}, affine={affine}".format(**self.__dict__)
+        return "{num_channels}, eps={eps}, affine={affine}, bias={use_bias}".format(
+            **self.__dict__, use_bias=self.bias is not None)
 
 
 def _normalized_shape(layer: str, normalized_shape: _Shape) -> Tuple[int, ...]:
@@ -185,11 +191,11 @@ class LayerNorm(nn.Module):
         factory = {"device": device, "dtype": dtype}
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory)) if bias else None
-            if not bias:
-                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
+        if elementwise_affine and bias:
+            self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+        else:
             self.register_parameter("bias", None)
         self.reset_parameters()
 
@@ -203,7 +209,8 @@ class LayerNorm(nn.Module):
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(**self.__dict__)
+        return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}, bias={use_bias}".format(
+            **self.__dict__, use_bias=self.bias is not None)
 
 
 @register("rms", "rmsnorm")

