@@ -1,0 +1,152 @@
+"""The benchmark's results: one :class:`Row` per (layer, shape, dtype, memory format), and what follows from it.
+
+Derived quantities (all from medians measured in the same interleaved rounds):
+
+* ``ratio_fwd``, ``ratio_fb``: baseline time / normzoo time (``> 1``: normzoo is faster), forward and
+  forward+backward.
+* ``gbps_fwd = 2 * bytes / t_fwd`` and ``gbps_fb = 5 * bytes / t_fb``: effective bandwidth against the
+  memory-traffic floor (forward reads ``x`` and writes ``y``; backward reads ``x`` and ``dy`` and writes
+  ``dx``), ``bytes`` being one input-sized tensor.
+* ``copy_gbps = 2 * bytes / t_copy``: the machine's copy bandwidth at the same size, measured in the same
+  rounds; ``copy_fraction_fwd``/``copy_fraction_fb``: effective bandwidth as a fraction of it.
+* ``vs_bn``: normzoo forward+backward time / normzoo BatchNorm's at the same shape (BatchNorm family).
+* ``bf16_vs_fp32``: for a bfloat16 row, its forward+backward time / the float32 row's (same element count,
+  so this is the per-element ratio; ``<= 1``: bfloat16 is no slower).
+* ``saved_allowance``: one input-sized tensor plus ``STAT_BYTES_PER_UNIT`` bytes per statistics unit, the
+  bound that "input + O(N*C) statistics" is checked against. A unit is an (n, c) pair for image layers and
+  a row (n, l) or a feature d for sequence layers (:func:`stats_units`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from normzoo.bench.memory import SavedBytes
+
+# 8 float32 values per statistics unit: mean, rstd, their gradients' partial sums and slack.
+STAT_BYTES_PER_UNIT = 32
+
+
+def stats_units(kind: str, shape: Sequence[int]) -> int:
+    """How many statistics a layer may keep: ``N*C`` for ``(N, C, *S)`` images, ``N*L + D`` for ``(N, L, D)``."""
+    if kind == "sequence":
+        return math.prod(shape[:-1]) + shape[-1]
+    return shape[0] * shape[1]
+
+
+@dataclass
+class Timing:
+    """Median forward and forward+backward seconds, and every timed round."""
+
+    fwd_s: Optional[float] = None
+    fb_s: Optional[float] = None
+    fwd_runs: List[float] = field(default_factory=list)
+    fb_runs: List[float] = field(default_factory=list)
+
+
+def _div(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+@dataclass
+class Row:
+    """One measured case. Times are medians in seconds; ``error`` is set (and timings empty) if it failed."""
+
+    layer: str
+    kind: str
+    shape: List[int]
+    dtype: str
+    memory_format: str
+    baseline_kind: str
+    baseline_label: str
+    element_size: int
+    normzoo: Timing = field(default_factory=Timing)
+    baseline: Timing = field(default_factory=Timing)
+    copy_s: Optional[float] = None
+    reference_fb_s: Optional[float] = None
+    fp32_fb_s: Optional[float] = None
+    saved: Optional[SavedBytes] = None
+    saved_baseline: Optional[SavedBytes] = None
+    max_abs_diff: Optional[float] = None
+    rounds: int = 0
+    others_cores: Optional[float] = None
+    cache_resident: bool = False
+    note: str = ""
+    error: Optional[str] = None
+
+    # ----- sizes ---------------------------------------------------------------------------------------
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return self.elements * self.element_size
+
+    @property
+    def saved_allowance(self) -> int:
+        return self.tensor_bytes + STAT_BYTES_PER_UNIT * stats_units(self.kind, self.shape)
+
+    # ----- derived -------------------------------------------------------------------------------------
+    @property
+    def ratio_fwd(self) -> Optional[float]:
+        return _div(self.baseline.fwd_s, self.normzoo.fwd_s)
+
+    @property
+    def ratio_fb(self) -> Optional[float]:
+        return _div(self.baseline.fb_s, self.normzoo.fb_s)
+
+    @property
+    def gbps_fwd(self) -> Optional[float]:
+        return _div(2 * self.tensor_bytes / 1e9, self.normzoo.fwd_s)
+
+    @property
+    def gbps_fb(self) -> Optional[float]:
+        return _div(5 * self.tensor_bytes / 1e9, self.normzoo.fb_s)
+
+    @property
+    def copy_gbps(self) -> Optional[float]:
+        return _div(2 * self.tensor_bytes / 1e9, self.copy_s)
+
+    @property
+    def copy_fraction_fwd(self) -> Optional[float]:
+        return _div(self.gbps_fwd, self.copy_gbps)
+
+    @property
+    def copy_fraction_fb(self) -> Optional[float]:
+        return _div(self.gbps_fb, self.copy_gbps)
+
+    @property
+    def vs_bn(self) -> Optional[float]:
+        return _div(self.normzoo.fb_s, self.reference_fb_s)
+
+    @property
+    def bf16_vs_fp32(self) -> Optional[float]:
+        return _div(self.normzoo.fb_s, self.fp32_fb_s) if self.dtype == "bfloat16" else None
+
+    @property
+    def saved_vs_input(self) -> Optional[float]:
+        return self.saved.activation_bytes / self.tensor_bytes if self.saved is not None else None
+
+    @property
+    def label(self) -> str:
+        fmt = {"contiguous": "", "channels_last": " CL"}[self.memory_format]
+        dt = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}.get(self.dtype, self.dtype)
+        return f"{self.layer} {'x'.join(map(str, self.shape))} {dt}{fmt}"
+
+    def derived(self) -> Dict[str, Optional[float]]:
+        names = ("ratio_fwd", "ratio_fb", "gbps_fwd", "gbps_fb", "copy_gbps", "copy_fraction_fwd", "copy_fraction_fb",
+                 "vs_bn", "bf16_vs_fp32", "saved_vs_input")
+        return {n: getattr(self, n) for n in names}
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = asdict(self)
+        out["saved"] = self.saved.to_dict() if self.saved is not None else None
+        out["saved_baseline"] = self.saved_baseline.to_dict() if self.saved_baseline is not None else None
+        out.update(elements=self.elements, tensor_bytes=self.tensor_bytes, saved_allowance=self.saved_allowance,
+                   derived=self.derived())
+        return out
+
+
+__all__ = ["STAT_BYTES_PER_UNIT", "stats_units", "Timing", "Row"]

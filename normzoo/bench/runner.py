@@ -1,0 +1,277 @@
+"""``normzoo.bench.run``: measure every selected layer next to its baseline and return structured results.
+
+Per (layer, shape, memory format) a **group** is timed: for every dtype, normzoo's module forward and
+forward+backward, the baseline's forward and forward+backward, a copy of the input (the machine's
+bandwidth at that size), and for the BatchNorm family normzoo's BatchNorm forward+backward, all in one
+set of interleaved rounds (:func:`normzoo.bench.harness.interleaved`). Modules are in training mode;
+"forward" is the training forward (autograd recording, graph dropped), "forward+backward" is
+``y = m(x); torch.autograd.grad(y, (x, *params), dy)`` with a fixed ``dy``. Inputs, ``dy`` and the copy
+target are allocated once per group and reused.
+
+The time budget is shared out over the groups, cheapest first, so that what a small group leaves
+unused goes to the big ones; each group gets at least ``min_rounds`` and at most ``rounds`` rounds.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from normzoo.bench import cases, harness
+from normzoo.bench.cases import LayerSpec, Shape
+from normzoo.bench.memory import saved_for_backward
+from normzoo.bench.results import Row, Timing
+from normzoo.bench.targets import summary
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BenchResult:
+    """Everything one run measured: ``rows`` (see :class:`normzoo.bench.results.Row`), ``skipped`` layers
+    with the reason, and ``meta`` (machine, settings, allocator, load, wall time)."""
+
+    rows: List[Row] = field(default_factory=list)
+    skipped: List[Dict[str, str]] = field(default_factory=list)
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        from normzoo.bench.targets import checks
+
+        rows = []
+        for row in self.rows:
+            d = row.to_dict()
+            d["targets"] = [c.to_dict() for c in checks(row)]
+            rows.append(d)
+        return {"meta": self.meta, "rows": rows, "skipped": self.skipped, "targets": summary(self.rows)}
+
+    def table(self) -> str:
+        from normzoo.bench.report import format_table
+
+        return format_table(self)
+
+    def write(self, out_dir: str, plot: bool = True) -> Dict[str, str]:
+        """Write ``results.json``, ``results.txt`` (the table) and ``results.png`` into ``out_dir``."""
+        from normzoo.bench.report import write_all
+
+        return write_all(self, out_dir, plot=plot)
+
+
+@dataclass
+class _Member:
+    """One dtype's modules and tensors inside a group."""
+
+    row: Row
+    subject: Optional[nn.Module] = None
+    baseline: Optional[nn.Module] = None
+    reference: Optional[nn.Module] = None
+    x: Optional[torch.Tensor] = None
+    dy: Optional[torch.Tensor] = None
+
+
+def _train_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
+    inputs = (x,) + tuple(p for p in module.parameters() if p.requires_grad)
+
+    def step() -> object:
+        y = module(x)
+        return torch.autograd.grad(y, inputs, dy, allow_unused=True)
+
+    return step
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
+    if a.shape != b.shape:
+        return None
+    return float((a.detach().float() - b.detach().float()).abs().max())
+
+
+def _prepare(spec: LayerSpec, shape: Shape, dtype: str, fmt: str, seed: int, llc: Optional[int]) -> _Member:
+    tdtype = cases.DTYPES[dtype]
+    row = Row(layer=spec.name, kind=spec.kind, shape=list(shape), dtype=dtype, memory_format=fmt,
+              baseline_kind=spec.baseline_kind, baseline_label=spec.baseline_label,
+              element_size=torch.empty((), dtype=tdtype).element_size(), note=spec.note)
+    row.cache_resident = llc is not None and 2 * row.tensor_bytes <= llc
+    m = _Member(row)
+    c = spec.channels(shape)
+    stage = "building the layer"
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        subject = spec.make(c)
+        stage = "building the baseline"
+        baseline = spec.make_baseline(subject, c)
+        stage = "building the BatchNorm reference"
+        reference = spec.make_reference(c) if spec.make_reference is not None else None
+        for mod in (subject, baseline, reference):
+            if mod is not None:
+                mod.to(tdtype).train()
+        x = cases.make_input(shape, tdtype, fmt, gen)
+        stage = "the first forward"
+        y = subject(x)
+        stage = "the baseline's first forward"
+        y_base = baseline(x)
+        row.max_abs_diff = _max_abs_diff(y, y_base)
+        dy = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(tdtype)
+        dy = torch.empty_like(y).copy_(dy)  # same layout as the output
+        stage = "the first backward"
+        _train_step(subject, x, dy)()
+        stage = "counting saved tensors"
+        row.saved = saved_for_backward(lambda: subject(x), subject, inputs=[x])
+        row.saved_baseline = saved_for_backward(lambda: baseline(x), baseline, inputs=[x])
+        if reference is not None:
+            stage = "the BatchNorm reference"
+            _train_step(reference, x, dy)()
+        m.subject, m.baseline, m.reference, m.x, m.dy = subject, baseline, reference, x, dy
+    except Exception as exc:  # a layer that cannot run this case is reported, not fatal
+        row.error = f"{stage}: {type(exc).__name__}: {exc}"
+    return m
+
+
+def _contenders(members: Sequence[_Member]) -> Dict[str, Callable[[], object]]:
+    out: Dict[str, Callable[[], object]] = {}
+    for m in members:
+        if m.row.error is not None:
+            continue
+        dt, x, dy = m.row.dtype, m.x, m.dy
+        assert m.subject is not None and m.baseline is not None and x is not None and dy is not None
+        subject, baseline = m.subject, m.baseline
+        out[f"{dt}/normzoo/fwd"] = lambda s=subject, x=x: s(x)
+        out[f"{dt}/normzoo/fb"] = _train_step(subject, x, dy)
+        out[f"{dt}/baseline/fwd"] = lambda b=baseline, x=x: b(x)
+        out[f"{dt}/baseline/fb"] = _train_step(baseline, x, dy)
+        out[f"{dt}/copy"] = harness.copy_contender(x)[0]
+        if m.reference is not None:
+            out[f"{dt}/reference/fb"] = _train_step(m.reference, x, dy)
+    return out
+
+
+def _fill(members: Sequence[_Member], times: Dict[str, List[float]], others: Optional[float]) -> None:
+    med = {k: harness.median(v) for k, v in times.items() if v}
+    fp32 = med.get("float32/normzoo/fb")
+    for m in members:
+        row = m.row
+        if row.error is not None:
+            continue
+        dt = row.dtype
+        row.normzoo = Timing(med[f"{dt}/normzoo/fwd"], med[f"{dt}/normzoo/fb"], times[f"{dt}/normzoo/fwd"],
+                             times[f"{dt}/normzoo/fb"])
+        row.baseline = Timing(med[f"{dt}/baseline/fwd"], med[f"{dt}/baseline/fb"], times[f"{dt}/baseline/fwd"],
+                              times[f"{dt}/baseline/fb"])
+        row.copy_s = med[f"{dt}/copy"]
+        row.reference_fb_s = med.get(f"{dt}/reference/fb")
+        row.fp32_fb_s = fp32 if dt != "float32" else None
+        row.rounds = len(times[f"{dt}/normzoo/fb"])
+        row.others_cores = others
+
+
+def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequence[int]]] = None,
+        dtypes: Optional[Sequence[str]] = None, memory_formats: Optional[Sequence[str]] = None, *,
+        threads: Optional[int] = 2, rounds: int = 15, min_rounds: int = 3, warmup: int = 2,
+        budget_s: Optional[float] = 35.0, allocator: str = "tuned", quick: bool = False,
+        specs: Optional[Sequence[LayerSpec]] = None, seed: int = 0,
+        progress: Optional[Progress] = None) -> BenchResult:
+    """Benchmark normzoo's layers against torch.nn / paper-formula baselines; return a :class:`BenchResult`.
+
+    ``layers``: registry names (default :data:`normzoo.bench.cases.DEFAULT_LAYERS`, ``["all"]`` for every
+    registered layer the benchmark knows); ``specs`` replaces them with ready-made
+    :class:`~normzoo.bench.cases.LayerSpec` s. ``shapes``: default ``(32, 64, 56, 56)``, ``(8, 256, 14, 14)``
+    and ``(8, 512, 768)``; each layer takes those of its rank (see :func:`normzoo.bench.cases.shapes_for`).
+    ``dtypes``: names, default float32 and bfloat16. ``memory_formats``: ``"contiguous"``,
+    ``"channels_last"`` (default both). ``threads``: torch threads during the run (restored after; ``None``
+    keeps the current count). ``rounds``/``min_rounds``: bounds on timed rounds per group, ``warmup``
+    untimed rounds first, ``budget_s`` seconds of timed rounds shared over all groups (``None``: always
+    ``rounds``). ``allocator``: ``"tuned"`` or ``"default"`` (see
+    :func:`normzoo.bench.harness.configure_allocator`). ``quick``: float32 only and at most 3 rounds, one
+    warm-up and a 10 s budget, unless given explicitly. ``progress``: called with one line per group.
+    """
+    if quick:
+        dtypes = dtypes or ("float32",)
+        rounds, min_rounds, warmup = min(rounds, 3), min(min_rounds, 2), min(warmup, 1)
+        budget_s = 10.0 if budget_s is None else min(budget_s, 10.0)
+    if rounds < 1 or min_rounds < 1 or warmup < 0 or (budget_s is not None and warmup < 1):
+        raise ValueError(f"normzoo bench: need rounds >= 1, min_rounds >= 1 and warmup >= 1 with a budget; got "
+                         f"rounds={rounds}, min_rounds={min_rounds}, warmup={warmup}, budget_s={budget_s}")
+    dtype_names = [cases.parse_dtype(d) for d in (dtypes or cases.DEFAULT_DTYPES)]
+    dtype_names = list(dict.fromkeys(dtype_names))
+    # float32 first so that the bf16/fp32 ratio has its denominator in the same rounds
+    dtype_names.sort(key=lambda d: d != "float32")
+    formats = [cases.parse_format(f) for f in (memory_formats or cases.DEFAULT_FORMATS)]
+    shape_list = [tuple(int(s) for s in shape) for shape in (shapes or cases.DEFAULT_SHAPES)]
+    for shape in shape_list:
+        if not 2 <= len(shape) <= 5 or any(s <= 0 for s in shape):
+            raise ValueError(f"normzoo bench: shapes must have 2 to 5 positive sizes, got {shape}")
+
+    result = BenchResult()
+    if specs is None:
+        selection = cases.select_layers(layers)
+        specs, result.skipped = selection.specs, selection.skipped
+    groups: List[Tuple[LayerSpec, Shape, str]] = []
+    for spec in specs:
+        spec_shapes = cases.shapes_for(spec, shape_list)
+        if not spec_shapes:
+            result.skipped.append({"layer": spec.name, "reason": f"no shape of rank {spec.rank} given or derivable"})
+        for shape in spec_shapes:
+            for fmt in cases.formats_for(spec, formats):
+                groups.append((spec, shape, fmt))
+
+    alloc = harness.configure_allocator(allocator)
+    llc = harness.last_level_cache_bytes()
+    started, wall0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
+    whole = harness.CpuMeter().start()
+    load_before = harness.load_average()
+    rows_by_group: Dict[int, List[Row]] = {}
+    with harness.torch_threads(threads) as n_threads:
+        order = sorted(range(len(groups)), key=lambda i: _cost(groups[i][1], len(dtype_names)))
+        budget_left = budget_s
+        for done, i in enumerate(order):
+            spec, shape, fmt = groups[i]
+            t0 = time.perf_counter()
+            members = [_prepare(spec, shape, dt, fmt, seed, llc) for dt in dtype_names]
+            contenders = _contenders(members)
+            share = None if budget_left is None else max(budget_left, 0.0) / (len(order) - done)
+            if contenders:
+                meter = harness.CpuMeter().start()
+                t_timed = time.perf_counter()
+                times = harness.interleaved(contenders, rounds, warmup, budget_s=share, min_rounds=min_rounds)
+                timed = time.perf_counter() - t_timed
+                if budget_left is not None:
+                    budget_left -= timed
+                _fill(members, times, meter.stop().others_cores)
+            rows_by_group[i] = [m.row for m in members]
+            del members, contenders
+            if progress is not None:
+                errors = sum(r.error is not None for r in rows_by_group[i])
+                progress(f"[{done + 1}/{len(order)}] {spec.name} {'x'.join(map(str, shape))} {fmt}: "
+                         f"{time.perf_counter() - t0:.1f} s" + (f", {errors} failed" if errors else ""))
+    whole.stop()
+    result.rows = [row for i in range(len(groups)) for row in rows_by_group.get(i, [])]
+    result.meta = {
+        "started": started,
+        "wall_s": round(time.perf_counter() - wall0, 2),
+        "threads": n_threads,
+        "allocator": alloc,
+        "machine": harness.machine_info(),
+        "loadavg_before": load_before,
+        "loadavg_after": whole.loadavg,
+        "others_cores": whole.others_cores,
+        "settings": {"layers": [s.name for s in specs], "shapes": [list(s) for s in shape_list],
+                     "dtypes": dtype_names, "memory_formats": formats, "rounds": rounds, "min_rounds": min_rounds,
+                     "warmup": warmup, "budget_s": budget_s, "quick": quick, "seed": seed},
+        "method": ("training mode; medians of interleaved rounds; forward = training forward with autograd "
+                   "recording; forward+backward = forward + torch.autograd.grad w.r.t. input and parameters; "
+                   "bandwidth floor 2 x bytes forward, 5 x bytes forward+backward; copy = Tensor.copy_ into a "
+                   "preallocated tensor of the same size and layout, 2 x bytes"),
+    }
+    return result
+
+
+def _cost(shape: Shape, n_dtypes: int) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * n_dtypes
+
+
+__all__ = ["BenchResult", "run"]

@@ -1,0 +1,102 @@
+"""The performance targets of issue 5, checked row by row (training mode, forward+backward).
+
+==========  ===========================================================================================
+key         target
+==========  ===========================================================================================
+speedup     baseline time / normzoo time >= 1.0 for every layer; >= 2.0 for BatchNorm2d contiguous,
+            InstanceNorm (any rank, any format), RMSNorm, GroupNorm and LayerNorm2d in channels_last, and
+            for the BatchNorm family against its straightforward paper formula
+copy        effective forward+backward bandwidth (5 x tensor bytes / time) >= 50% of copy bandwidth
+vs_bn       BatchNorm family (mean-only BN, Batch Renorm, Batch-Instance Norm, Switchable Norm, CBN):
+            time <= 1.3 x normzoo BatchNorm's at the same shape, dtype and format
+saved       bytes saved for backward (parameters excluded) <= one input-sized tensor + O(N*C) statistics
+            (the allowance of :attr:`normzoo.bench.results.Row.saved_allowance`)
+bf16        bfloat16 rows: forward+backward time <= the float32 row's (same elements: per element)
+==========  ===========================================================================================
+
+These are what the report marks; they are measurements on a noisy shared machine, never test assertions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from normzoo.bench.results import Row
+
+SPEEDUP_MIN = 1.0
+SPEEDUP_STRONG = 2.0
+COPY_FRACTION_MIN = 0.5
+VS_BN_MAX = 1.3
+BF16_VS_FP32_MAX = 1.0
+
+_BN_FAMILY_PREFIXES = ("mbn", "brn", "bin", "switch", "cbn")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One target applied to one row: ``value`` against ``threshold`` (``at_least`` or at most)."""
+
+    key: str
+    value: Optional[float]
+    threshold: float
+    at_least: bool
+
+    @property
+    def passed(self) -> Optional[bool]:
+        """``None`` when the value could not be measured."""
+        if self.value is None:
+            return None
+        return self.value >= self.threshold if self.at_least else self.value <= self.threshold
+
+    def describe(self) -> str:
+        return f"{self.key} {'>=' if self.at_least else '<='} {self.threshold:g}"
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"key": self.key, "value": self.value, "threshold": self.threshold,
+                "op": ">=" if self.at_least else "<=", "passed": self.passed}
+
+
+def in_bn_family(layer: str) -> bool:
+    return layer.startswith(_BN_FAMILY_PREFIXES)
+
+
+def speedup_needed(row: Row) -> float:
+    """The speedup the issue asks of this row (see the module table)."""
+    name, channels_last = row.layer, row.memory_format == "channels_last"
+    strong = (
+        (name == "bn2d" and not channels_last)
+        or name.startswith("in")
+        or name == "rms"
+        or (channels_last and name in ("gn", "ln2d"))
+        or (in_bn_family(name) and row.baseline_kind == "formula")
+    )
+    return SPEEDUP_STRONG if strong else SPEEDUP_MIN
+
+
+def checks(row: Row) -> List[Check]:
+    """Every target that applies to ``row`` (an errored row has none)."""
+    if row.error is not None:
+        return []
+    out = [Check("speedup", row.ratio_fb, speedup_needed(row), True),
+           Check("copy", row.copy_fraction_fb, COPY_FRACTION_MIN, True)]
+    if in_bn_family(row.layer):
+        out.append(Check("vs_bn", row.vs_bn, VS_BN_MAX, False))
+    if row.saved is not None:
+        out.append(Check("saved", float(row.saved.activation_bytes), float(row.saved_allowance), False))
+    if row.dtype == "bfloat16":
+        out.append(Check("bf16", row.bf16_vs_fp32, BF16_VS_FP32_MAX, False))
+    return out
+
+
+def summary(rows: List[Row]) -> Dict[str, Dict[str, int]]:
+    """Per target: how many rows passed, missed, or could not be judged."""
+    out: Dict[str, Dict[str, int]] = {}
+    for row in rows:
+        for c in checks(row):
+            bucket = out.setdefault(c.key, {"passed": 0, "missed": 0, "unmeasured": 0})
+            bucket["passed" if c.passed else "missed" if c.passed is False else "unmeasured"] += 1
+    return out
+
+
+__all__ = ["SPEEDUP_MIN", "SPEEDUP_STRONG", "COPY_FRACTION_MIN", "VS_BN_MAX", "BF16_VS_FP32_MAX", "Check",
+           "in_bn_family", "speedup_needed", "checks", "summary"]
