@@ -103,13 +103,16 @@ def _with_weight(t: Tensor, weight: Optional[Tensor]) -> Tensor:
 class _ChannelNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], policy: Policy,
-                eps: float, mode: str, prepared: Optional[kernels.Prepared]) -> Tuple[Tensor, Tensor, Tensor]:
+                eps: float, mode: str, prepared: Optional[kernels.Prepared],
+                extra: Optional[Moments]) -> Tuple[Tensor, Tensor, Tensor]:
         p = prepared if prepared is not None else kernels.prepare(x)
         group = policy.reduce(p.rows)
         if x.dim() == 2 and p.shift is None and bool(ill_conditioned(group, x.dtype).any()):
             # one element per row: only the group shows that the data sits far from 0; centre on it
             p = kernels.prepare(x, shift=policy.expand(group.mean, x.shape[1]))
             group = policy.reduce(p.rows)
+        if extra is not None:  # constant moments merged in: the backward below holds with the merged count
+            group = group.merge(extra)
         c = x.shape[1]
         rstd_g = _group_scale(group, eps, mode)
         a = _with_weight(policy.expand(rstd_g, c), weight)
@@ -149,7 +152,7 @@ class _ChannelNormFn(torch.autograd.Function):
                 k2 = -rstd * rstd * c_g
                 k3 = k3 - k2 * centre
             dx = kernels.affine_grad(dy, x, k1, k2, k3)
-        return dx, dweight, dbias, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None
 
 
 def channel_norm(
@@ -160,6 +163,7 @@ def channel_norm(
     eps: float = 1e-5,
     mode: str = "standard",
     prepared: Optional[kernels.Prepared] = None,
+    extra: Optional[Moments] = None,
 ) -> Tuple[Tensor, Moments]:
     """Normalize ``x`` of shape ``(N, C, *S)`` with statistics of the given :class:`Policy`.
 
@@ -168,12 +172,17 @@ def channel_norm(
     ``weight``/``bias`` (shape ``(C,)``) may be any autograd expressions (Batch Renorm passes
     ``gamma * r`` and ``beta + gamma * d``). ``prepared`` lets a caller that needed the statistics
     first (to compute its own coefficients) hand over :func:`normzoo.kernels.prepare`'s result
-    instead of reading ``x`` again.
+    instead of reading ``x`` again. ``extra``: moments of further data, treated as constants, merged
+    into every group before normalizing (Cross-Iteration BN's past iterations; shape ``(1, C)`` for the
+    batch policy). The gradient flows through ``x``'s own moments only: with ``M`` the merged count,
+    ``d mu / dx = 1 / M`` and ``d var / dx = 2 (x - mu) / M``, so the backward above holds with
+    ``M_g = M``. The returned moments are then the merged ones.
     """
     if mode not in ("standard", "mean", "rms"):
         raise ValueError(f"channel_norm: mode must be 'standard', 'mean' or 'rms', got {mode!r}")
-    y, mean, m2 = _ChannelNormFn.apply(x, weight, bias, policy, eps, mode, prepared)
-    return y, Moments(policy.group_count(x), mean, m2)
+    y, mean, m2 = _ChannelNormFn.apply(x, weight, bias, policy, eps, mode, prepared, extra)
+    count = policy.group_count(x)
+    return y, Moments(count if extra is None else count + extra.count, mean, m2)
 
 
 def fixed_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
