@@ -1,0 +1,316 @@
+"""EvoNorm-B0 and EvoNorm-S0 (Liu, Brock, Simonyan & Le 2020): normalization and activation in one layer.
+
+Found by evolutionary search over computation graphs; for ``x`` of shape ``(N, C, *S)`` and per-channel
+learned ``v`` (init 1), ``gamma`` (init 1), ``beta`` (init 0):
+
+**B0** (batch-dependent)::
+
+    y = x / max( sqrt(s2_batch + eps),  v * x + sqrt(s2_inst + eps) ) * gamma + beta
+
+with ``s2_batch`` the variance per channel over ``(N, *S)`` and ``s2_inst`` the variance per sample and
+channel over ``S``. In eval mode ``s2_batch`` is the running variance.
+
+**S0** (batch-independent)::
+
+    y = x * sigmoid(v * x) / sqrt(s2_group + eps) * gamma + beta
+
+with ``s2_group`` the variance per sample over a group of ``C / groups`` channels and ``S``, as in
+GroupNorm (default ``groups``: the largest divisor of ``C`` not above 32). The numerator is a SiLU-like
+gate ``x * sigmoid(v x)``; the denominator is the group std of ``x`` itself, not of the gated value.
+
+Neither layer subtracts a mean from ``x``; both contain their own nonlinearity, so they replace a
+``norm + ReLU`` pair.
+
+Conventions where the paper and common code differ:
+
+- **epsilon** is inside the square roots (paper, the authors' reference code and timm agree).
+- **Variances are biased** (divide by the count) when normalizing, as in the paper.
+- **Running variance** (B0): torch's momentum convention ``running = (1 - momentum) running + momentum
+  batch``, default 0.1, with the *unbiased* batch variance ``M2 / (m - 1)`` as ``torch.nn.BatchNorm`` (the
+  authors' reference code averages the biased variance with decay 0.99, i.e. momentum 0.01);
+  ``momentum=None`` gives the cumulative average. Eval without ``track_running_stats`` uses batch
+  statistics, as torch's BatchNorm.
+- **Numerics**: the reference code computes ``E[x^2] - E[x]^2``; here per-(n, c) moments come from a
+  stable reduction (``torch.var_mean``, accumulated in float32, float64 for float64 input) and are merged
+  into batch or group moments with :meth:`normzoo.stats.Moments.reduce` (Chan's formula); groups whose
+  mean is large next to their spread are recomputed around their (constant) mean (:func:`merged_moments`),
+  so a channel with mean 1e4 and std 1e-2 keeps its variance in float32. A constant input gives a finite
+  output (the variances are 0 and ``eps`` keeps the denominators positive). All of it is plain autograd:
+  the gradient includes the paths through the variances (the statistics are not treated as constants).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from normzoo import _checks
+from normzoo.nn.group import default_groups
+from normzoo.registry import register
+from normzoo.stats import Moments, accumulation_dtype, ill_conditioned
+
+_INPUT_DIMS = (2, 3, 4, 5)
+_SHAPE_HINT = "(N, C, *spatial) with at most 3 spatial dims"
+
+
+def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+    """``(C,)`` -> ``(1, C, 1, ...)``; ``(N, C)`` -> ``(N, C, 1, ...)``: broadcastable against ``x``."""
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    return t.view(t.shape + (1,) * (x.dim() - 2))
+
+
+def instance_moments(x: Tensor) -> Moments:
+    """Differentiable per-(n, c) moments of ``x`` ``(N, C, *S)`` over ``S``, in the accumulation dtype.
+
+    ``torch.var_mean`` (a stable reduction) gives ``mean`` and the biased variance; ``m2 = var * |S|``.
+    Autograd flows through ``mean`` and ``m2``, and through :meth:`Moments.reduce` merges of them.
+    """
+    acc = accumulation_dtype(x.dtype)
+    xa = x if x.dtype == acc else x.to(acc)
+    spatial = tuple(range(2, x.dim()))
+    if not spatial:
+        return Moments(1, xa, torch.zeros_like(xa))
+    count = x.shape[2:].numel()
+    var, mean = torch.var_mean(xa, spatial, correction=0)
+    return Moments(count, mean, var * count)
+
+
+def merged_moments(x: Tensor, merge: Callable[[Moments], Moments],
+                   spread: Callable[[Tensor], Tensor]) -> Tuple[Moments, Moments]:
+    """Instance moments of ``x`` and their ``merge`` into groups (batch or channel groups), differentiable.
+
+    Merging instance moments (Chan's formula) is exact in exact arithmetic, but per-(n, c) means rounded to
+    float32 lose the spread of a group whose mean is large next to its standard deviation (an ulp of 1e4 is
+    1e-3). Such groups (:func:`normzoo.stats.ill_conditioned`) are recomputed from ``x - shift``, with
+    ``shift`` the group mean held constant (detached; ``spread`` maps it to a tensor broadcastable against
+    ``x``): variances do not depend on the shift, their gradients neither, and the shifted data is
+    centred. The returned **means** are then those of the shifted data; use only the variances.
+    """
+    inst = instance_moments(x)
+    group = merge(inst)
+    if bool(ill_conditioned(group.detach(), x.dtype).any()):
+        acc = inst.mean.dtype
+        shift = spread(group.mean.detach())
+        inst = instance_moments((x if x.dtype == acc else x.to(acc)) - shift)
+        group = merge(inst)
+    return inst, group
+
+
+def _check_common(name: str, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  v: Optional[Tensor], eps: float) -> int:
+    _checks.check_input(name, input, _INPUT_DIMS, shape_hint=_SHAPE_HINT)
+    _checks.check_eps(name, eps)
+    c = input.shape[1]
+    for pname, p in (("weight", weight), ("bias", bias), ("v", v)):
+        _checks.check_param(name, pname, p, (c,))
+    return c
+
+
+def _affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], x: Tensor) -> Tensor:
+    if weight is not None:
+        y = y * _per_channel(weight, x).to(y.dtype)
+    if bias is not None:
+        y = y + _per_channel(bias, x).to(y.dtype)
+    return y
+
+
+def evonorm_b0(
+    input: Tensor,
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""EvoNorm-B0: ``x / max(sqrt(s2_batch + eps), v x + sqrt(s2_inst + eps)) * gamma + beta``.
+
+    Args:
+        input: ``(N, C, *S)``, up to 3 spatial dims (none: ``s2_inst = 0``).
+        running_var: ``(C,)`` running variance or None. Used instead of the batch variance when
+            ``training`` is False; updated in place (unbiased batch variance, factor ``momentum``) when
+            ``training`` is True.
+        weight, bias, v: ``gamma``, ``beta``, ``v`` of shape ``(C,)``, or None (1, 0 and 1).
+        training: use (and track) the batch variance.
+        momentum: the running-average factor of this step (``running.lerp_(batch, momentum)``).
+        eps: added to both variances inside the square roots.
+    """
+    name = "evonorm_b0"
+    c = _check_common(name, input, weight, bias, v, eps)
+    _checks.check_param(name, "running_var", running_var, (c,))
+    use_batch = training or running_var is None
+    if use_batch:
+        _checks.check_batch_stats(name, input, input.numel() // c if input.numel() else 0)
+        inst, batch = merged_moments(input, lambda m: m.reduce(0), lambda mean: _per_channel(mean, input))
+        var_b = batch.var(0)
+        if training and running_var is not None:
+            with torch.no_grad():
+                running_var.lerp_(batch.var(1).to(running_var.dtype), momentum)
+    else:
+        inst = instance_moments(input)
+        var_b = running_var.to(inst.mean.dtype)  # type: ignore[union-attr]
+    acc = inst.mean.dtype
+    left = _per_channel(torch.sqrt(var_b + eps), input)
+    vx = input.to(acc) if v is None else input.to(acc) * _per_channel(v.to(acc), input)
+    right = vx + _per_channel(torch.sqrt(inst.var(0) + eps), input)
+    y = (input.to(acc) / torch.maximum(left, right)).to(input.dtype)
+    return _affine(y, weight, bias, input)
+
+
+def evonorm_s0(
+    input: Tensor,
+    groups: int,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""EvoNorm-S0: ``x * sigmoid(v x) / sqrt(s2_group + eps) * gamma + beta``.
+
+    Args:
+        input: ``(N, C, *S)``, up to 3 spatial dims.
+        groups: number of channel groups (must divide ``C``); ``s2_group`` is the biased variance over a
+            group's channels and ``S``, per sample.
+        weight, bias, v: ``gamma``, ``beta``, ``v`` of shape ``(C,)``, or None (1, 0 and 1).
+        eps: added to the group variance inside the square root.
+    """
+    name = "evonorm_s0"
+    c = _check_common(name, input, weight, bias, v, eps)
+    _checks.check_groups(name, groups, c)
+    n = input.shape[0]
+
+    def per_row(t: Tensor) -> Tensor:  # (N, G) -> (N, C)
+        return t.unsqueeze(2).expand(n, groups, c // groups).reshape(n, c)
+
+    _, group = merged_moments(input, lambda m: m.reshape(n, groups, c // groups).reduce(2),
+                              lambda mean: _per_channel(per_row(mean), input))
+    rstd = per_row(torch.rsqrt(group.var(0) + eps))
+    acc = rstd.dtype
+    xa = input.to(acc)
+    gate = torch.sigmoid(xa if v is None else xa * _per_channel(v.to(acc), input))
+    y = (xa * gate * _per_channel(rstd, input)).to(input.dtype)
+    return _affine(y, weight, bias, input)
+
+
+class _EvoNorm(nn.Module):
+    """Parameters shared by B0 and S0: ``weight`` (gamma), ``bias`` (beta) and ``v``, each of shape ``(C,)``."""
+
+    def __init__(self, num_features: int, eps: float, affine: bool, device: Any, dtype: Any) -> None:
+        name = type(self).__name__
+        _checks.check_positive_int(name, "num_features", num_features)
+        _checks.check_eps(name, eps)
+        super().__init__()
+        self.num_features, self.eps, self.affine = num_features, eps, affine
+        factory = {"device": device, "dtype": dtype}
+        self.v = nn.Parameter(torch.empty(num_features, **factory))
+        for pname in ("weight", "bias"):
+            self.register_parameter(pname, nn.Parameter(torch.empty(num_features, **factory)) if affine else None)
+        self.weight: Optional[Tensor]
+        self.bias: Optional[Tensor]
+
+    def reset_parameters(self) -> None:
+        """``v`` = 1, ``weight`` = 1, ``bias`` = 0 (the paper's initialization)."""
+        with torch.no_grad():
+            self.v.fill_(1.0)
+            if self.weight is not None:
+                self.weight.fill_(1.0)
+                self.bias.zero_()  # type: ignore[union-attr]
+
+    def _check(self, input: Tensor) -> Tensor:
+        return _checks.check_input(type(self).__name__, input, _INPUT_DIMS, self.num_features, _SHAPE_HINT)
+
+
+@register("evonorm_b0", "evonormb0")
+class EvoNormB0(_EvoNorm):
+    r"""EvoNorm-B0: ``y = x / max(sqrt(s2_batch + eps), v x + sqrt(s2_inst + eps)) * gamma + beta``.
+
+    Batch-dependent like BatchNorm: training uses the batch variance per channel (and updates
+    ``running_var``), eval uses ``running_var``; the instance variance is always the input's own. See
+    :mod:`normzoo.nn.evonorm` for the conventions (epsilon, momentum, unbiased running variance).
+
+    Args:
+        num_features: ``C``.
+        eps: added inside both square roots (default 1e-5, as the paper's code).
+        momentum: running-variance factor (torch convention); None for the cumulative average.
+        affine: learn ``weight`` and ``bias`` (``v`` is always learned: it is the nonlinearity).
+        track_running_stats: keep ``running_var`` and ``num_batches_tracked`` buffers; without them eval
+            uses the batch variance too.
+
+    Shape: ``(N, C, *S)`` with up to 3 spatial dims; training needs more than one value per channel.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device: Any = None, dtype: Any = None) -> None:
+        _checks.check_momentum(type(self).__name__, momentum)
+        super().__init__(num_features, eps, affine, device, dtype)
+        self.momentum, self.track_running_stats = momentum, track_running_stats
+        if track_running_stats:
+            self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.running_var: Optional[Tensor]
+        self.num_batches_tracked: Optional[Tensor]
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.running_var is not None:
+            self.running_var.fill_(1.0)
+            self.num_batches_tracked.zero_()  # type: ignore[union-attr]
+
+    def reset_parameters(self) -> None:
+        """Running variance to 1, ``v`` and ``weight`` to 1, ``bias`` to 0."""
+        self.reset_running_stats()
+        super().reset_parameters()
+
+    def forward(self, input: Tensor) -> Tensor:
+        x = self._check(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        return evonorm_b0(x, self.running_var, self.weight, self.bias, self.v,
+                          self.training or self.running_var is None, factor, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
+
+
+@register("evonorm_s0", "evonorms0")
+class EvoNormS0(_EvoNorm):
+    r"""EvoNorm-S0: ``y = x * sigmoid(v x) / sqrt(s2_group + eps) * gamma + beta``.
+
+    Batch-independent like GroupNorm: the same computation in train and eval, no running statistics.
+    See :mod:`normzoo.nn.evonorm` for the conventions.
+
+    Args:
+        num_features: ``C``.
+        groups: channel groups for the variance; default the largest divisor of ``C`` not above 32
+            (as :func:`normzoo.nn.group.default_groups`). Must divide ``C``.
+        eps: added inside the square root (default 1e-5).
+        affine: learn ``weight`` and ``bias`` (``v`` is always learned).
+
+    Shape: ``(N, C, *S)`` with up to 3 spatial dims.
+    """
+
+    def __init__(self, num_features: int, groups: Optional[int] = None, eps: float = 1e-5, affine: bool = True,
+                 device: Any = None, dtype: Any = None) -> None:
+        super().__init__(num_features, eps, affine, device, dtype)
+        self.groups = default_groups(num_features) if groups is None else groups
+        _checks.check_groups(type(self).__name__, self.groups, num_features)
+        self.reset_parameters()
+
+    def forward(self, input: Tensor) -> Tensor:
+        return evonorm_s0(self._check(input), self.groups, self.weight, self.bias, self.v, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, groups={self.groups}, eps={self.eps}, affine={self.affine}"
+
+
+__all__ = ["evonorm_b0", "evonorm_s0", "instance_moments", "merged_moments", "EvoNormB0", "EvoNormS0"]

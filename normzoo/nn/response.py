@@ -1,0 +1,251 @@
+"""Filter Response Normalization and the Thresholded Linear Unit (Singh & Krishnan 2019/2020).
+
+For each sample ``n`` and channel ``c`` of ``x`` of shape ``(N, C, *S)``, with ``|S|`` spatial positions:
+
+    nu2 = (1/|S|) sum_S x^2                       (mean square, no mean subtraction)
+    y   = gamma * x / sqrt(nu2 + eps) + beta
+    z   = max(y, tau)                             (TLU, a ReLU with a learned threshold)
+
+FRN uses no batch statistics at all (train and eval are the same computation), and because it does not
+centre ``x``, the TLU's learned ``tau`` replaces ReLU's fixed 0 threshold: ``max(y, tau) = ReLU(y - tau) + tau``.
+
+**epsilon.** The paper adds ``eps`` *inside* the square root, to the mean square, as here. Its learned-eps
+variant (recommended for fully connected layers and 1x1 feature maps) uses ``eps = eps0 + |eps_l|`` with a
+fixed floor ``eps0`` (default 1e-6) and a learned ``eps_l`` (initialised to 1e-4). Code that learns
+``|eps_l|`` alone (several public ports) can drive ``eps`` to 0 and produce ``0 / 0 = NaN`` for an
+all-zero channel; the floor here rules that out.
+
+**1x1 input.** With one spatial position, ``nu2 = x^2`` and ``x / sqrt(x^2 + eps) ~ sign(x)``: the layer
+loses the magnitude of ``x`` and its gradient spikes to ``1/sqrt(eps)`` near ``x = 0``, which makes
+training unstable (the instability reported for the official code on fully connected layers). normzoo
+keeps the paper's formula and, when the input has a single spatial position and ``eps`` is a fixed
+small constant (``learnable_eps=False`` and ``eps < 1e-3``), emits a ``UserWarning`` recommending
+``learnable_eps=True`` (the paper's remedy) or a larger ``eps``; it never changes ``eps`` silently.
+
+Statistics are accumulated in float32 for low-precision input (float64 for float64).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from normzoo import _checks
+from normzoo.registry import register
+from normzoo.stats import accumulation_dtype
+
+#: Below this fixed eps, a 1x1 input triggers the warning described in the module doc.
+SMALL_EPS_1X1 = 1e-3
+
+
+def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+    """``(C,)`` -> ``(1, C, 1, ...)`` broadcastable against ``x`` of shape ``(N, C, *S)``."""
+    return t.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def filter_response_norm(
+    input: Tensor,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    tau: Optional[Tensor] = None,
+    eps: Union[float, Tensor] = 1e-6,
+) -> Tensor:
+    r"""Filter Response Normalization, optionally followed by the TLU.
+
+    ``z = max(gamma * x / sqrt(nu2 + eps) + beta, tau)`` with ``nu2`` the mean of ``x^2`` over the spatial
+    dims, per sample and channel (see the module doc).
+
+    Args:
+        input: ``(N, C, *S)``, any number of spatial dims (none: ``nu2 = x^2``, the 1x1 case).
+        weight, bias: ``gamma``, ``beta`` of shape ``(C,)`` or None (1 and 0).
+        tau: the TLU threshold, shape ``(C,)``; None for FRN without TLU.
+        eps: a positive float, or a tensor (0-dim or ``(C,)``) for a learned epsilon (the caller keeps
+            it positive, e.g. ``eps0 + |eps_l|``).
+
+    Returns:
+        A tensor of ``input``'s shape and dtype.
+    """
+    name = "filter_response_norm"
+    _checks.check_input(name, input, range(2, 8), shape_hint="(N, C, *spatial)")
+    c = input.shape[1]
+    for pname, p in (("weight", weight), ("bias", bias), ("tau", tau)):
+        _checks.check_param(name, pname, p, (c,))
+    if isinstance(eps, Tensor):
+        if eps.numel() not in (1, c):
+            raise ValueError(f"{name}: a tensor eps must have 1 or {c} elements, got shape {tuple(eps.shape)}")
+    else:
+        _checks.check_eps(name, eps)
+    acc = accumulation_dtype(input.dtype)
+    xa = input if input.dtype == acc else input.to(acc)
+    spatial = tuple(range(2, input.dim()))
+    nu2 = xa.square().mean(spatial, keepdim=True) if spatial else xa.square()
+    if isinstance(eps, Tensor):
+        eps = eps.to(acc).reshape(()) if eps.numel() == 1 else _per_channel(eps.to(acc).reshape(c), input)
+    scale = torch.rsqrt(nu2 + eps)
+    if weight is not None:
+        scale = scale * _per_channel(weight.to(acc), input)
+    y = input * scale.to(input.dtype)
+    if bias is not None:
+        y = y + _per_channel(bias, input).to(input.dtype)
+    if tau is not None:
+        y = torch.maximum(y, _per_channel(tau, input).to(input.dtype))
+    return y
+
+
+def tlu(input: Tensor, tau: Tensor) -> Tensor:
+    """Thresholded Linear Unit ``max(x, tau)`` with a per-channel ``tau`` of shape ``(C,)``."""
+    _checks.check_input("tlu", input, range(2, 8), shape_hint="(N, C, *spatial)")
+    _checks.check_param("tlu", "tau", tau, (input.shape[1],))
+    return torch.maximum(input, _per_channel(tau, input).to(input.dtype))
+
+
+class _FilterResponseNorm(nn.Module):
+    r"""Filter Response Normalization with the TLU (Singh & Krishnan), per sample and channel.
+
+    ``z = max(gamma * x / sqrt(nu2 + eps) + beta, tau)``, ``nu2 = mean over space of x^2`` (see
+    :mod:`normzoo.nn.response` for the equations, the epsilon conventions and the 1x1 case).
+
+    Args:
+        num_features: ``C``.
+        eps: the fixed epsilon (> 0); with ``learnable_eps`` it is the floor ``eps0`` of
+            ``eps = eps0 + |eps_l|``.
+        affine: learn ``weight`` (gamma, init 1) and ``bias`` (beta, init 0) of shape ``(C,)``.
+        tlu: apply the TLU with a learned ``tau`` (shape ``(C,)``, init 0). ``tlu=False`` gives plain FRN
+            (then follow it with an activation of your choice).
+        learnable_eps: learn a scalar ``eps_l`` (parameter ``learned_eps``), as the paper recommends for
+            1x1 feature maps and fully connected layers.
+        eps_init: the initial ``eps_l``.
+
+    Train and eval compute the same thing (no running statistics). Shapes: see the subclasses; the
+    output has the input's shape and dtype.
+    """
+
+    _input_dims: Tuple[int, ...] = ()
+    _shape_hint = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-6,
+        affine: bool = True,
+        tlu: bool = True,
+        learnable_eps: bool = False,
+        eps_init: float = 1e-4,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        name = type(self).__name__
+        _checks.check_positive_int(name, "num_features", num_features)
+        _checks.check_eps(name, eps)
+        if learnable_eps and (isinstance(eps_init, bool) or not isinstance(eps_init, (int, float)) or eps_init < 0):
+            raise ValueError(f"{name}: eps_init must be a number >= 0, got {eps_init!r}")
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features, self.eps, self.affine, self.tlu = num_features, eps, affine, tlu
+        self.learnable_eps, self.eps_init = learnable_eps, eps_init
+        for pname, shape, wanted in (("weight", (num_features,), affine), ("bias", (num_features,), affine),
+                                     ("tau", (num_features,), tlu), ("learned_eps", (), learnable_eps)):
+            self.register_parameter(pname, nn.Parameter(torch.empty(shape, **factory)) if wanted else None)
+        self.weight: Optional[Tensor]
+        self.bias: Optional[Tensor]
+        self.tau: Optional[Tensor]
+        self.learned_eps: Optional[Tensor]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``weight`` = 1, ``bias`` = 0, ``tau`` = 0, ``learned_eps`` = ``eps_init``."""
+        with torch.no_grad():
+            if self.weight is not None:
+                self.weight.fill_(1.0)
+                self.bias.zero_()  # type: ignore[union-attr]
+            if self.tau is not None:
+                self.tau.zero_()
+            if self.learned_eps is not None:
+                self.learned_eps.fill_(self.eps_init)
+
+    def effective_eps(self) -> Union[float, Tensor]:
+        """The epsilon in use: ``eps``, or ``eps + |learned_eps|`` (a tensor) with ``learnable_eps``."""
+        if self.learned_eps is None:
+            return self.eps
+        return self.eps + self.learned_eps.abs()
+
+    def forward(self, input: Tensor) -> Tensor:
+        x = _checks.check_input(type(self).__name__, input, self._input_dims, self.num_features, self._shape_hint)
+        if self.learned_eps is None and self.eps < SMALL_EPS_1X1 and x.shape[2:].numel() == 1:
+            warnings.warn(
+                f"{type(self).__name__}: input of shape {tuple(x.shape)} has a single spatial position, where "
+                f"FRN computes x / sqrt(x^2 + eps) ~ sign(x) and its gradient peaks at 1/sqrt(eps) (eps={self.eps}); "
+                "use learnable_eps=True as the FRN paper recommends for 1x1 maps, or a larger eps",
+                UserWarning,
+                stacklevel=2,
+            )
+        return filter_response_norm(x, self.weight, self.bias, self.tau, self.effective_eps())
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_features}, eps={self.eps}, affine={self.affine}, tlu={self.tlu}"
+        if self.learnable_eps:
+            s += f", learnable_eps=True, eps_init={self.eps_init}"
+        return s
+
+
+@register("frn1d", "filterresponsenorm1d")
+class FilterResponseNorm1d(_FilterResponseNorm):
+    __doc__ = _FilterResponseNorm.__doc__
+    _input_dims = (2, 3)
+    _shape_hint = "(N, C) or (N, C, L)"
+
+
+@register("frn", "frn2d", "filterresponsenorm2d")
+class FilterResponseNorm2d(_FilterResponseNorm):
+    __doc__ = _FilterResponseNorm.__doc__
+    _input_dims = (4,)
+    _shape_hint = "(N, C, H, W)"
+
+
+@register("frn3d", "filterresponsenorm3d")
+class FilterResponseNorm3d(_FilterResponseNorm):
+    __doc__ = _FilterResponseNorm.__doc__
+    _input_dims = (5,)
+    _shape_hint = "(N, C, D, H, W)"
+
+
+#: Short name for the 2d layer, as in the paper's figures.
+FRN = FilterResponseNorm2d
+
+
+class TLU(nn.Module):
+    """Thresholded Linear Unit ``z = max(x, tau)``, per channel, ``tau`` learned (init 0), for ``(N, C, *S)``.
+
+    The activation of FRN as a separate module (for a ``FilterResponseNorm*(..., tlu=False)`` followed by
+    something else in between).
+    """
+
+    def __init__(self, num_features: int, device: Any = None, dtype: Any = None) -> None:
+        _checks.check_positive_int("TLU", "num_features", num_features)
+        super().__init__()
+        self.num_features = num_features
+        self.tau = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.tau.zero_()
+
+    def forward(self, input: Tensor) -> Tensor:
+        _checks.check_input("TLU", input, range(2, 8), self.num_features, "(N, C, *spatial)")
+        return tlu(input, self.tau)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}"
+
+
+__all__ = [
+    "filter_response_norm",
+    "tlu",
+    "FilterResponseNorm1d",
+    "FilterResponseNorm2d",
+    "FilterResponseNorm3d",
+    "FRN",
+    "TLU",
+]
