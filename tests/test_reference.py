@@ -284,7 +284,6 @@ def test_batchinstancenorm_endpoints_are_batchnorm_and_instancenorm():
 @pytest.mark.parametrize("which", [0, 1, 2])
 def test_switchnorm_with_one_hot_weights_is_in_ln_or_bn(which):
     _, x, gamma, beta, running = channel_case(13)
-    N, C = x.shape[:2]
     logits = np.zeros(3)
     logits[which] = 60.0                                   # softmax = one-hot to within 1e-26
     out, _ = R.switchnorm_forward(x, gamma, beta, logits, logits, {"mode": "train", **running})
