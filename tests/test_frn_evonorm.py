@@ -342,3 +342,14 @@ def test_evonorm_errors():
         EvoNormB0(4, momentum=1.5)
     with pytest.raises(ValueError, match="running_var"):
         evonorm_b0(torch.randn(2, 4, 3), torch.ones(3))
+
+
+@pytest.mark.parametrize("make", [lambda: FilterResponseNorm2d(4), lambda: EvoNormB0(4), lambda: EvoNormS0(4, groups=2)])
+def test_channels_last_is_kept(make):
+    torch.manual_seed(10)
+    m = _randomize(make())
+    x = torch.randn(2, 4, 5, 6)
+    y = m(x.to(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, m(x))
+

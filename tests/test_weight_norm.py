@@ -125,6 +125,20 @@ def test_zero_weight_gives_zero_not_nan():
     assert torch.isfinite(lin.parametrizations.weight.original1.grad).all()
 
 
+def test_works_with_parametrize_cached():
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(8)
+    lin = weight_norm(nn.Linear(4, 3))
+    x = torch.randn(2, 4)
+    expected = lin(x) + lin(x)
+    with parametrize.cached():
+        out = lin(x) + lin(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert lin.parametrizations.weight.original0.grad is not None
+
+
 def test_errors():
     with pytest.raises(ValueError, match="no parameter"):
         weight_norm(nn.Linear(2, 2), name="kernel")

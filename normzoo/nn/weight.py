@@ -15,8 +15,8 @@ friends, section 4): weight normalization fixes the scale of the pre-activations
 their mean, and the noise that batch statistics add is gentler than full BatchNorm's.
 
 Implementation: a :mod:`torch.nn.utils.parametrize` parametrization, so it applies to any module with a
-weight (Linear, ConvNd, ConvTransposeNd, Embedding, ...) and composes with ``torch.func``, ``torch.compile``
-and ``parametrize.cached()``. See :func:`weight_norm`, :func:`remove_weight_norm` and
+weight (Linear, ConvNd, ConvTransposeNd, Embedding, ...) and works with ``parametrize.cached()`` (compute
+the weight once for several calls). See :func:`weight_norm`, :func:`remove_weight_norm` and
 :func:`data_dependent_init`.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ class WeightNorm(nn.Module):
     :func:`torch.nn.utils.parametrizations.weight_norm` stores them, so checkpoints move between the two.
 
     A zero direction (``||v|| == 0``, e.g. a weight initialised to zero) gives ``w = 0`` instead of torch's
-    NaN: the norm is clamped below at the smallest normal number of its dtype, which changes nothing else.
+    NaN: a zero norm is replaced by 1 (``w = g * 0``); any nonzero norm is used as it is.
     """
 
     def __init__(self, dim: Optional[int] = 0) -> None:
@@ -63,7 +63,8 @@ class WeightNorm(nn.Module):
         self.dim = dim
 
     def forward(self, g: Tensor, v: Tensor) -> Tensor:
-        norm = _norm_except_dim(v, self.dim).clamp_min(torch.finfo(v.dtype).tiny)
+        norm = _norm_except_dim(v, self.dim)
+        norm = torch.where(norm == 0, torch.ones_like(norm), norm)
         return v * (g / norm)
 
     def right_inverse(self, weight: Tensor) -> Tuple[Tensor, Tensor]:
