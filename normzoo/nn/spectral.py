@@ -183,7 +183,7 @@ def spectral_norm(
     if dim is None:
         dim = _default_dim(module)
     parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps))
-    module._register_load_state_dict_pre_hook(_legacy_keys_hook(name), with_module=True)
+    module.register_load_state_dict_pre_hook(_legacy_keys_hook(name))
     return module
 
 

@@ -161,7 +161,7 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: Optional[int] = 0)
                 f"shape {tuple(weight.shape)}, got {dim!r}"
             )
     parametrize.register_parametrization(module, name, WeightNorm(dim), unsafe=True)
-    module._register_load_state_dict_pre_hook(_legacy_keys_hook(name), with_module=True)
+    module.register_load_state_dict_pre_hook(_legacy_keys_hook(name))
     return module
 
 
