@@ -19,8 +19,10 @@ Backward (derived once for all policies; ``M_g`` elements per group, sums over t
 
 (mode "mean": rstd = 1 and no x_hat term; mode "rms": no mean term.)
 
-computed from the per-(n, c) sums ``S1 = sum_S dy``, ``S2 = sum_S dy x`` and one pass
-``dx = k1 dy + k2 x + k3``. Saved for backward: ``x`` (or its centred copy) and ``O(N C)`` statistics.
+computed from the per-(n, c) sums ``S1 = sum_S dy``, ``S2 = sum_S dy (x - centre)`` and one pass
+``dx = k1 dy + k2 (x - centre) + k3`` (:mod:`normzoo.kernels`).
+
+Saved for backward: ``x`` (or its centred copy) and ``O(N C)`` statistics.
 """
 from __future__ import annotations
 
@@ -107,7 +109,7 @@ class _ChannelNormFn(torch.autograd.Function):
                 extra: Optional[Moments]) -> Tuple[Tensor, Tensor, Tensor]:
         p = prepared if prepared is not None else kernels.prepare(x)
         group = policy.reduce(p.rows)
-        if x.dim() == 2 and p.shift is None and bool(ill_conditioned(group, x.dtype).any()):
+        if x.dim() == 2 and not p.exact and p.shift is None and bool(ill_conditioned(group, x.dtype).any()):
             # one element per row: only the group shows that the data sits far from 0; centre on it
             p = kernels.prepare(x, shift=policy.expand(group.mean, x.shape[1]))
             group = policy.reduce(p.rows)
@@ -116,10 +118,9 @@ class _ChannelNormFn(torch.autograd.Function):
         c = x.shape[1]
         rstd_g = _group_scale(group, eps, mode)
         a = _with_weight(policy.expand(rstd_g, c), weight)
-        b = -a * _centre(group.mean, p.shift, policy, c, mode)
-        if bias is not None:
-            b = b + bias.to(b.dtype)
-        y = kernels.affine(p.x, a, b)
+        centre = _centre(group.mean, p.shift, policy, c, mode)
+        b = torch.zeros_like(a) if bias is None else bias.to(a.dtype).expand_as(a)
+        y = kernels.affine(p.x, a, centre, b)
         ctx.policy, ctx.mode, ctx.count = policy, mode, group.count
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         # saved: the tensor the forward read, and per-group statistics (per-(n, c) only for a shift)
@@ -135,8 +136,8 @@ class _ChannelNormFn(torch.autograd.Function):
         c = x.shape[1]
         rstd = policy.expand(rstd_g, c)
         centre = _centre(mean_g, shift, policy, c, ctx.mode)  # x_hat = (x - centre) * rstd
-        s1, s2 = kernels.grad_sums(dy, x)
-        a_sum = rstd * (s2 - centre * s1)  # per (n, c): sum_S dy * x_hat
+        s1, s2 = kernels.grad_sums(dy, x, centre)
+        a_sum = rstd * s2  # per (n, c): sum_S dy * x_hat
         dweight = a_sum.sum(0) if ctx.has_weight and ctx.needs_input_grad[1] else None
         dbias = s1.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         dx = None
@@ -150,8 +151,7 @@ class _ChannelNormFn(torch.autograd.Function):
             if ctx.mode != "mean":  # the gradient through the variance (or mean square)
                 c_g = policy.expand(policy.group_sum(_with_weight(a_sum, weight)), c) / count
                 k2 = -rstd * rstd * c_g
-                k3 = k3 - k2 * centre
-            dx = kernels.affine_grad(dy, x, k1, k2, k3)
+            dx = kernels.affine_grad(dy, x, k1, k2, centre, k3)
         return dx, dweight, dbias, None, None, None, None, None
 
 

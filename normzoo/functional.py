@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from normzoo import _checks
+from normzoo import _checks, row_norm
 from normzoo.channel_norm import Policy, channel_norm, fixed_affine
 from normzoo.stats import Moments
 
@@ -178,6 +178,8 @@ def _last_dims_norm(name: str, input: Tensor, normalized_shape: _Shape, weight: 
     rows = input.reshape(-1, d)
     w = weight.reshape(d) if weight is not None else None
     b = bias.reshape(d) if bias is not None else None
+    if rows.shape[0] and row_norm.applies(rows):
+        return row_norm.row_norm(rows, w, b, eps, mode == "rms").view(input.shape)
     y, _ = channel_norm(rows, w, b, Policy("group", 1), eps, mode=mode)
     return y.view(input.shape)
 

@@ -2,14 +2,17 @@
 
 Every channel-wise method (BN and its family, IN, GN, channel-first LN, SN, BIN, ...) is computed from
 per-(sample, channel) quantities by four primitives, for an input ``x`` of shape ``(N, C, *S)`` (any
-memory format; ``S`` may be empty):
+memory format; ``S`` may be empty), with per-(n, c) (or per-channel) coefficients:
 
 1. :func:`prepare` -- per-(n, c) moments over ``S`` (forward pass 1, reads ``x``), plus the tensor that
-   the other passes read (``x`` itself, or ``x`` centred per (n, c) when that row is ill-conditioned,
-   see :mod:`normzoo.stats`).
-2. :func:`affine` -- ``y = a * x + b`` with per-(n, c) or per-channel ``a``, ``b`` (forward pass 2).
-3. :func:`grad_sums` -- ``S1 = sum_S dy`` and ``S2 = sum_S dy * x`` per (n, c) (backward pass 1).
-4. :func:`affine_grad` -- ``dx = k1 * dy + k2 * x + k3`` (backward pass 2).
+   the other passes read (``x`` itself, or ``x`` centred per (n, c) when that row is ill-conditioned
+   and the PyTorch fallback is in use, see :mod:`normzoo.stats`).
+2. :func:`affine` -- ``y = a * (x - centre) + b`` (forward pass 2).
+3. :func:`grad_sums` -- ``S1 = sum_S dy`` and ``S2 = sum_S dy * (x - centre)`` (backward pass 1).
+4. :func:`affine_grad` -- ``dx = k1 * dy + k2 * (x - centre) + k3`` (backward pass 2).
+
+Each dispatches to the native kernels (:mod:`normzoo.native`: compiled, vectorized, arithmetic in
+float64, exact shifted sums) where they apply, and to stock PyTorch operations otherwise.
 
 Everything between those passes is arithmetic on tensors of size ``N * C``. So any method costs what
 BatchNorm costs, and only ``x`` (or its centred copy) plus ``O(N * C)`` statistics is saved for backward.
@@ -22,6 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from normzoo import native
 from normzoo.stats import Moments, accumulation_dtype, centered_moments, ill_conditioned, raw_moments
 
 
@@ -44,11 +48,13 @@ class Prepared:
     ``rows``: per-(n, c) moments (``mean``/``m2`` of shape ``(N, C)``, ``count = prod(S)``), exact.
     ``x``: the tensor the later passes read -- the input itself, or ``input - shift`` in the input dtype.
     ``shift``: ``None``, or the ``(N, C)`` per-row shift (accumulation dtype) that was subtracted.
+    ``exact``: the row moments are float64 from shifted sums (native kernels): their merges need no guard.
     """
 
     rows: Moments
     x: Tensor
     shift: Optional[Tensor]
+    exact: bool = False
 
     def shift_or_zero(self) -> Tensor:
         return self.shift if self.shift is not None else torch.zeros_like(self.rows.mean)
@@ -64,6 +70,9 @@ def prepare(x: Tensor, shift: Optional[Tensor] = None) -> Prepared:
     single element and only the group can tell that the data sits far from 0).
     """
     dims = spatial_dims(x)
+    if shift is None and dims and native.supports(x):
+        mean, m2 = native.moments(x)
+        return Prepared(Moments(x.numel() // (x.shape[0] * x.shape[1]), mean, m2), x, None, exact=True)
     if shift is None:
         rows = raw_moments(x, dims, keepdim=False)
         if not dims or not bool(ill_conditioned(rows, x.dtype).any()):
@@ -87,13 +96,16 @@ def _prepare_shifted(x: Tensor, shift: Tensor) -> Prepared:
     return Prepared(rows, xs, shift64)
 
 
-def affine(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``y = a * x + b`` with ``a``, ``b`` per (n, c) (shape ``(N, C)``) or per channel (``(C,)``).
+def affine(x: Tensor, a: Tensor, centre: Tensor, b: Tensor) -> Tensor:
+    """``y = a * (x - centre) + b`` with per-(n, c) (``(N, C)``) or per-channel (``(C,)``) coefficients.
 
-    One pass; the output keeps ``x``'s memory format and dtype. For bfloat16/float16 input the
-    arithmetic runs in float32 and the result is rounded once (coefficients rounded to 8 bits would
-    add up to 2^-9 relative error on top of the output's own rounding).
+    One pass; the output keeps ``x``'s memory format and dtype. The PyTorch fallback folds the centre
+    into the shift (``a * x + (b - a * centre)``) and, for bfloat16/float16 input, computes in float32 and
+    rounds once (coefficients rounded to 8 bits would add up to 2^-9 relative error).
     """
+    if native.supports(x):
+        return native.affine(x, a, centre, b)
+    b = b - a * centre
     if _low_precision(x):
         y = torch.empty_like(x)
         return torch.addcmul(per_nc(b.float(), x), x, per_nc(a.float(), x), out=y)
@@ -104,13 +116,15 @@ def _low_precision(x: Tensor) -> bool:
     return x.dtype not in (torch.float32, torch.float64)
 
 
-def grad_sums(dy: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
-    """``S1 = sum_S dy`` and ``S2 = sum_S dy * x``, each ``(N, C)`` in the accumulation dtype."""
+def grad_sums(dy: Tensor, x: Tensor, centre: Tensor) -> Tuple[Tensor, Tensor]:
+    """``S1 = sum_S dy`` and ``S2 = sum_S dy * (x - centre)``, each ``(N, C)`` in (at least) the accumulation dtype."""
+    if native.supports(x) and spatial_dims(x):
+        return native.grad_sums(dy, x, centre)
     acc = accumulation_dtype(x.dtype)
     dims = spatial_dims(x)
     if not dims:
         dy_acc = dy.to(acc)
-        return dy_acc, dy_acc * x.to(acc)
+        return dy_acc, dy_acc * (x.to(acc) - centre)
     s1 = dy.sum(dims, dtype=acc)
     n, c = x.shape[:2]
     if x.dtype == acc and x.is_contiguous() and dy.is_contiguous():
@@ -118,16 +132,20 @@ def grad_sums(dy: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
         s2 = torch.bmm(dy.view(n * c, 1, -1), x.view(n * c, -1, 1)).view(n, c)
     else:
         s2 = torch.mul(dy, x).sum(dims, dtype=acc)
-    return s1, s2
+    return s1, s2 - centre * s1
 
 
-def affine_grad(dy: Tensor, x: Tensor, k1: Tensor, k2: Optional[Tensor], k3: Tensor) -> Tensor:
-    """``dx = k1 * dy + k2 * x + k3`` with per-(n, c) or per-channel coefficients (``k2`` may be None).
+def affine_grad(dy: Tensor, x: Tensor, k1: Tensor, k2: Optional[Tensor], centre: Tensor, k3: Tensor) -> Tensor:
+    """``dx = k1 * dy + k2 * (x - centre) + k3`` with per-(n, c) or per-channel coefficients (``k2`` may be None).
 
-    Two passes with the stock PyTorch kernels; the result keeps ``dy``'s memory format and ``x``'s dtype
-    (float32 arithmetic for low-precision input, as in :func:`affine`).
+    The result keeps ``dy``'s memory format and ``x``'s dtype (float32 arithmetic for low-precision input
+    in the PyTorch fallback, as in :func:`affine`).
     """
+    if native.supports(x):
+        return native.affine_grad(dy, x, k1, torch.zeros_like(k1) if k2 is None else k2, centre, k3)
     dt = torch.float32 if _low_precision(x) else x.dtype
+    if k2 is not None:
+        k3 = k3 - k2 * centre
     dx = torch.empty_like(dy, dtype=x.dtype)
     torch.addcmul(per_nc(k3.to(dt), x), dy, per_nc(k1.to(dt), x), out=dx)
     if k2 is not None:

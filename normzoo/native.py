@@ -1,0 +1,266 @@
+"""Native CPU kernels for the passes over full-size tensors, built on first use.
+
+The kernels (``normzoo/_native/kernels.c.in``) are plain C, vectorized by the compiler and run on a
+small pthread pool: no PyTorch headers, so they compile in about a second with the system C compiler
+(``$CC`` or ``cc``/``gcc``), into a per-user cache (``$NORMZOO_CACHE`` or ``~/.cache/normzoo``) keyed by
+the source, the compiler and the CPU. They are loaded with :mod:`ctypes` and called on tensors' data
+pointers.
+
+Where they do not apply (no compiler, ``NORMZOO_NATIVE=0``, a GPU tensor, float16, a layout that is
+neither contiguous nor channels_last), :mod:`normzoo.kernels` falls back to stock PyTorch operations
+with the same results. :func:`status` says which is in use and why.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("_native") / "kernels.c.in"
+_TYPES = {
+    torch.float32: ("f32", "float", "nz_ld_f32", "nz_st_f32"),
+    torch.float64: ("f64", "double", "nz_ld_f64", "nz_st_f64"),
+    torch.bfloat16: ("bf16", "uint16_t", "nz_ld_bf16", "nz_st_bf16"),
+}
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-pthread"]
+#: Below this many elements a kernel runs on one thread (thread start-up would cost more than it saves).
+PARALLEL_THRESHOLD = 1 << 15
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_why_not: Optional[str] = None
+_loaded = False
+
+
+def _source_text() -> str:
+    text = _SOURCE.read_text()
+    head, rest = text.split("/* BEGIN_TYPED */", 1)
+    typed, tail = rest.split("/* END_TYPED */", 1)
+    parts = [head]
+    for suf, ctype, ld, st in _TYPES.values():
+        parts.append(typed.replace("$SUF", suf).replace("$T", ctype).replace("$LD", ld).replace("$ST", st))
+    parts.append(tail)
+    return "".join(parts)
+
+
+def _compiler() -> Optional[str]:
+    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cand and shutil.which(cand):
+            return cand
+    return None
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor()
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    src = _source_text()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256("\0".join([src, cc, *version, *_FLAGS, _cpu_id(), platform.machine()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("NORMZOO_CACHE", Path.home() / ".cache" / "normzoo"))
+    lib_path = cache / f"kernels-{key}.so"
+    if not lib_path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            c_file = Path(tmp) / "kernels.c"
+            c_file.write_text(src)
+            out = Path(tmp) / lib_path.name
+            proc = subprocess.run([cc, *_FLAGS, str(c_file), "-o", str(out), "-lm"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"compiling the native kernels failed:\n{proc.stderr[-2000:]}")
+            os.replace(out, lib_path)  # atomic: concurrent builders never see a partial file
+    lib = ctypes.CDLL(str(lib_path))
+    _declare(lib)
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    P, I64, I, D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    for suf, *_ in _TYPES.values():
+        getattr(lib, f"nz_moments_{suf}").argtypes = [P, I64, I64, I64, I, P, P, I]
+        getattr(lib, f"nz_affine_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, P, I]
+        getattr(lib, f"nz_grad_sums_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, P, I]
+        getattr(lib, f"nz_affine_grad_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, P, I]
+        getattr(lib, f"nz_rownorm_forward_{suf}").argtypes = [P, P, I64, I64, P, P, D, I, P, P, I]
+        getattr(lib, f"nz_rownorm_backward_{suf}").argtypes = [P, P, P, I64, I64, P, I, P, P, P, I]
+        for name in ("moments", "affine", "grad_sums", "affine_grad", "rownorm_forward", "rownorm_backward"):
+            getattr(lib, f"nz_{name}_{suf}").restype = None
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernel library, building it on first use; ``None`` if unavailable (see :func:`status`)."""
+    global _lib, _why_not, _loaded
+    if _loaded:
+        return _lib
+    with _lock:
+        if not _loaded:
+            if os.environ.get("NORMZOO_NATIVE", "1").lower() in ("0", "false", "no", "off"):
+                _why_not = "disabled by NORMZOO_NATIVE=0"
+            else:
+                try:
+                    _lib = _build()
+                except Exception as exc:  # any failure: fall back to PyTorch operations, say why once
+                    _why_not = str(exc)
+                    print(f"normzoo: native kernels unavailable, using PyTorch operations ({exc})", file=sys.stderr)
+            _loaded = True
+    return _lib
+
+
+def status() -> str:
+    """``"native"`` or ``"pytorch (<reason>)"``: which implementation the full-size passes use."""
+    return "native" if library() is not None else f"pytorch ({_why_not})"
+
+
+def _enabled() -> bool:
+    return library() is not None
+
+
+# -- layouts -----------------------------------------------------------------------------------------
+def layout(x: Tensor) -> Optional[int]:
+    """0 for (N, C, *S) contiguous, 1 for channels_last (N, *S, C) contiguous, None for anything else."""
+    if x.is_contiguous():
+        return 0
+    if x.dim() >= 3 and x.movedim(1, -1).is_contiguous():
+        return 1
+    return None
+
+
+def supports(x: Tensor) -> bool:
+    """Whether the native kernels can take ``x`` (CPU, float32/float64/bfloat16, contiguous or channels_last)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _TYPES
+        and x.numel() > 0
+        and layout(x) is not None
+        and _enabled()
+    )
+
+
+def _threads(numel: int) -> int:
+    return 1 if numel < PARALLEL_THRESHOLD else max(1, torch.get_num_threads())
+
+
+def _dims(x: Tensor) -> Tuple[int, int, int]:
+    n, c = x.shape[0], x.shape[1]
+    return n, c, x.numel() // (n * c)
+
+
+def _nc(t: Tensor, n: int, c: int) -> Tensor:
+    """A per-(n, c) coefficient (any shape broadcastable to (N, C)) as a contiguous float64 (N, C) array."""
+    return t.to(torch.float64).expand(n, c).contiguous()
+
+
+def _fn(name: str, dtype: torch.dtype):
+    return getattr(library(), f"nz_{name}_{_TYPES[dtype][0]}")
+
+
+def _like(x: Tensor, other: Tensor) -> Tensor:
+    """``other`` in ``x``'s memory layout (a copy only when the layouts differ)."""
+    if layout(other) == layout(x) and other.dtype == x.dtype:
+        return other
+    fmt = torch.contiguous_format if layout(x) == 0 else (torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    if x.dim() in (4, 5) or layout(x) == 0:
+        return other.to(x.dtype).contiguous(memory_format=fmt)
+    return other.to(x.dtype).movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+# -- the channel passes ------------------------------------------------------------------------------
+def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-(n, c) mean and M2 over the spatial dims, float64 ``(N, C)`` each (exact: shifted sums)."""
+    n, c, l = _dims(x)
+    mean = torch.empty(n, c, dtype=torch.float64)
+    m2 = torch.empty(n, c, dtype=torch.float64)
+    _fn("moments", x.dtype)(x.data_ptr(), n, c, l, layout(x), mean.data_ptr(), m2.data_ptr(), _threads(x.numel()))
+    return mean, m2
+
+
+def affine(x: Tensor, a: Tensor, centre: Tensor, b: Tensor) -> Tensor:
+    """``y = a * (x - centre) + b`` per (n, c), in ``x``'s dtype and layout."""
+    n, c, l = _dims(x)
+    y = torch.empty_like(x)
+    a, centre, b = _nc(a, n, c), _nc(centre, n, c), _nc(b, n, c)
+    _fn("affine", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), a.data_ptr(), centre.data_ptr(),
+                           b.data_ptr(), _threads(x.numel()))
+    return y
+
+
+def grad_sums(dy: Tensor, x: Tensor, centre: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-(n, c) ``sum dy`` and ``sum dy * (x - centre)``, float64 ``(N, C)`` each."""
+    n, c, l = _dims(x)
+    dy = _like(x, dy)
+    centre = _nc(centre, n, c)
+    s1 = torch.empty(n, c, dtype=torch.float64)
+    s2 = torch.empty(n, c, dtype=torch.float64)
+    _fn("grad_sums", x.dtype)(dy.data_ptr(), x.data_ptr(), n, c, l, layout(x), centre.data_ptr(), s1.data_ptr(),
+                              s2.data_ptr(), _threads(x.numel()))
+    return s1, s2
+
+
+def affine_grad(dy: Tensor, x: Tensor, k1: Tensor, k2: Tensor, centre: Tensor, k3: Tensor) -> Tensor:
+    """``dx = k1 * dy + k2 * (x - centre) + k3`` per (n, c), in ``x``'s dtype and layout."""
+    n, c, l = _dims(x)
+    dy = _like(x, dy)
+    dx = torch.empty_like(x)
+    k1, k2, centre, k3 = (_nc(t, n, c) for t in (k1, k2, centre, k3))
+    _fn("affine_grad", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, layout(x), k1.data_ptr(),
+                                k2.data_ptr(), centre.data_ptr(), k3.data_ptr(), _threads(x.numel()))
+    return dx
+
+
+# -- the fused row passes (LayerNorm / RMSNorm over the last dims) ------------------------------------
+def _vec(t: Optional[Tensor], d: int, fill: float) -> Tensor:
+    if t is None:
+        return torch.full((d,), fill, dtype=torch.float64)
+    return t.detach().reshape(d).to(torch.float64).contiguous()
+
+
+def rownorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                    rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Rows ``x`` of shape ``(R, D)`` (contiguous): ``y``, per-row ``centre`` and ``rstd`` (float64 ``(R,)``)."""
+    r, d = x.shape
+    y = torch.empty_like(x)
+    centre = torch.empty(r, dtype=torch.float64)
+    rstd = torch.empty(r, dtype=torch.float64)
+    g, b = _vec(weight, d, 1.0), _vec(bias, d, 0.0)
+    _fn("rownorm_forward", x.dtype)(x.data_ptr(), y.data_ptr(), r, d, g.data_ptr(), b.data_ptr(), float(eps),
+                                    int(rms), centre.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
+    return y, centre, rstd
+
+
+def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Tensor, rstd: Tensor,
+                     rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``dx`` (like ``x``), and the column sums ``dgamma = sum dy * x_hat``, ``dbeta = sum dy`` (float64 ``(D,)``)."""
+    r, d = x.shape
+    dy = dy.to(x.dtype).contiguous()
+    dx = torch.empty_like(x)
+    threads = _threads(x.numel())
+    partial = torch.zeros(max(1, min(threads, r)), 2, d, dtype=torch.float64)
+    g = _vec(weight, d, 1.0)
+    _fn("rownorm_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), r, d, g.data_ptr(), int(rms),
+                                     centre.data_ptr(), rstd.data_ptr(), partial.data_ptr(), threads)
+    sums = partial.sum(0)
+    return dx, sums[0], sums[1]
+
+
+__all__ = ["library", "status", "supports", "layout", "moments", "affine", "grad_sums", "affine_grad",
+           "rownorm_forward", "rownorm_backward", "PARALLEL_THRESHOLD"]
