@@ -103,14 +103,19 @@ class Selection:
 
 # ----- baselines -------------------------------------------------------------------------------------------
 
+def _eps_of(subject: nn.Module, default: Optional[float] = 1e-5) -> Optional[float]:
+    eps = getattr(subject, "eps", default)
+    return eps if isinstance(eps, float) or eps is None else default
+
+
 def _torch_bn(rank: int) -> BaselineBuilder:
     cls = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[rank]
-    return lambda subject, c: cls(c, eps=getattr(subject, "eps", 1e-5))
+    return lambda subject, c: cls(c, eps=_eps_of(subject))
 
 
 def _torch_in(rank: int) -> BaselineBuilder:
     cls = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}[rank]
-    return lambda subject, c: cls(c, eps=getattr(subject, "eps", 1e-5), affine=True)
+    return lambda subject, c: cls(c, eps=_eps_of(subject), affine=True)
 
 
 def _groups_of(subject: nn.Module, c: int) -> int:
@@ -126,8 +131,8 @@ def _formula(cls: type, **fixed: object) -> BaselineBuilder:
         kwargs = dict(fixed)
         if cls is formulas.EvoNormS0Formula:
             kwargs["groups"] = _groups_of(subject, c)
-        eps = getattr(subject, "eps", None)
-        if isinstance(eps, float):
+        eps = _eps_of(subject, None)
+        if eps is not None:
             kwargs["eps"] = eps
         return cls(c, **kwargs)
 
@@ -135,27 +140,33 @@ def _formula(cls: type, **fixed: object) -> BaselineBuilder:
 
 
 _RANK = {"1d": 3, "2d": 4, "3d": 5}
+_BN_FAMILY_FORMULAS = (("mbn", formulas.MeanOnlyBatchNormFormula), ("brn", formulas.BatchRenormFormula),
+                       ("bin", formulas.BatchInstanceNormFormula), ("switch", formulas.SwitchableNormFormula),
+                       ("cbn", formulas.CrossIterationBatchNormFormula))
+_Entry = Tuple[str, int, BaselineBuilder, str, Optional[str]]
 
-# name -> (kind, rank, baseline builder, label, reference BN name or None)
-_TABLE: Dict[str, Tuple[str, int, BaselineBuilder, str, Optional[str]]] = {}
-for _suffix, _rank in _RANK.items():
-    _TABLE[f"bn{_suffix}"] = ("image", _rank, _torch_bn(_rank), f"torch.nn.BatchNorm{_suffix}(C)", None)
-    _TABLE[f"in{_suffix}"] = ("image", _rank, _torch_in(_rank), f"torch.nn.InstanceNorm{_suffix}(C, affine=True)", None)
-    for _prefix, _cls in (("mbn", formulas.MeanOnlyBatchNormFormula), ("brn", formulas.BatchRenormFormula),
-                          ("bin", formulas.BatchInstanceNormFormula), ("switch", formulas.SwitchableNormFormula),
-                          ("cbn", formulas.CrossIterationBatchNormFormula)):
-        _TABLE[f"{_prefix}{_suffix}"] = ("image", _rank, _formula(_cls), f"formula: {_cls.__name__}",
-                                        f"bn{_suffix}")
-_TABLE["gn"] = ("image", 4, lambda s, c: nn.GroupNorm(_groups_of(s, c), c, eps=getattr(s, "eps", 1e-5)),
-                "torch.nn.GroupNorm(G, C)", None)
-_TABLE["ln2d"] = ("image", 4, lambda s, c: nn.GroupNorm(1, c, eps=getattr(s, "eps", 1e-5)),
-                  "torch.nn.GroupNorm(1, C) (LayerNorm over C,H,W with per-channel affine)", None)
-_TABLE["frn"] = ("image", 4, _formula(formulas.FilterResponseNormFormula), "formula: FilterResponseNormFormula", None)
-_TABLE["evonorm_b0"] = ("image", 4, _formula(formulas.EvoNormB0Formula), "formula: EvoNormB0Formula", None)
-_TABLE["evonorm_s0"] = ("image", 4, _formula(formulas.EvoNormS0Formula), "formula: EvoNormS0Formula", None)
-_TABLE["ln"] = ("sequence", 3, lambda s, c: nn.LayerNorm(c, eps=getattr(s, "eps", 1e-5)), "torch.nn.LayerNorm(D)",
-                None)
-_TABLE["rms"] = ("sequence", 3, lambda s, c: nn.RMSNorm(c, eps=getattr(s, "eps", None)), "torch.nn.RMSNorm(D)", None)
+
+def _build_table() -> Dict[str, _Entry]:
+    """name -> (kind, rank, baseline builder, baseline label, name of the reference BatchNorm or None)."""
+    table: Dict[str, _Entry] = {}
+    for suffix, rank in _RANK.items():
+        table[f"bn{suffix}"] = ("image", rank, _torch_bn(rank), f"torch.nn.BatchNorm{suffix}(C)", None)
+        table[f"in{suffix}"] = ("image", rank, _torch_in(rank), f"torch.nn.InstanceNorm{suffix}(C, affine=True)", None)
+        for prefix, cls in _BN_FAMILY_FORMULAS:
+            table[f"{prefix}{suffix}"] = ("image", rank, _formula(cls), f"formula: {cls.__name__}", f"bn{suffix}")
+    table["gn"] = ("image", 4, lambda s, c: nn.GroupNorm(_groups_of(s, c), c, eps=_eps_of(s)),
+                   "torch.nn.GroupNorm(G, C)", None)
+    table["ln2d"] = ("image", 4, lambda s, c: nn.GroupNorm(1, c, eps=_eps_of(s)),
+                     "torch.nn.GroupNorm(1, C) (LayerNorm over C,H,W with per-channel affine)", None)
+    for name, cls in (("frn", formulas.FilterResponseNormFormula), ("evonorm_b0", formulas.EvoNormB0Formula),
+                      ("evonorm_s0", formulas.EvoNormS0Formula)):
+        table[name] = ("image", 4, _formula(cls), f"formula: {cls.__name__}", None)
+    table["ln"] = ("sequence", 3, lambda s, c: nn.LayerNorm(c, eps=_eps_of(s)), "torch.nn.LayerNorm(D)", None)
+    table["rms"] = ("sequence", 3, lambda s, c: nn.RMSNorm(c, eps=_eps_of(s, None)), "torch.nn.RMSNorm(D)", None)
+    return table
+
+
+_TABLE = _build_table()
 
 
 def known_layers() -> List[str]:

@@ -24,7 +24,7 @@ from normzoo.bench import cases, harness
 from normzoo.bench.cases import LayerSpec, Shape
 from normzoo.bench.memory import saved_for_backward
 from normzoo.bench.results import Row, Timing
-from normzoo.bench.targets import summary
+from normzoo.bench.targets import checks, summary
 
 Progress = Callable[[str], None]
 
@@ -39,8 +39,6 @@ class BenchResult:
     meta: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
-        from normzoo.bench.targets import checks
-
         rows = []
         for row in self.rows:
             d = row.to_dict()
@@ -168,8 +166,8 @@ def _fill(members: Sequence[_Member], times: Dict[str, List[float]], others: Opt
 
 def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequence[int]]] = None,
         dtypes: Optional[Sequence[str]] = None, memory_formats: Optional[Sequence[str]] = None, *,
-        threads: Optional[int] = 2, rounds: int = 15, min_rounds: int = 3, warmup: int = 2,
-        budget_s: Optional[float] = 35.0, allocator: str = "tuned", quick: bool = False,
+        threads: Optional[int] = 2, rounds: int = 15, min_rounds: int = 3, warmup: int = 1,
+        budget_s: Optional[float] = 20.0, allocator: str = "tuned", quick: bool = False,
         specs: Optional[Sequence[LayerSpec]] = None, seed: int = 0,
         progress: Optional[Progress] = None) -> BenchResult:
     """Benchmark normzoo's layers against torch.nn / paper-formula baselines; return a :class:`BenchResult`.
