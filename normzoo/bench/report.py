@@ -131,12 +131,14 @@ def write_json(result: "BenchResult", path: str) -> str:
 
 
 def write_plot(result: "BenchResult", path: str) -> Optional[str]:
-    """Two panels, one bar per measured row: speedup over the baseline (lines at the 1x and 2x targets) and
+    """Two panels, one bar per measured row: speedup over the baseline on a log scale, bars growing from 1x
+    (lines at the 1x and 2x targets), and
     the fraction of copy bandwidth reached (line at 50%). Returns ``None`` if there is nothing to plot."""
     rows = [r for r in result.rows if r.error is None and r.ratio_fb is not None]
     if not rows:
         return None
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -146,18 +148,22 @@ def write_plot(result: "BenchResult", path: str) -> Optional[str]:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, height), sharey=True)
     y = list(range(len(rows)))
 
-    def bars(ax, values: List[float], passed: Callable[[Row], Optional[bool]]) -> None:
+    def bars(ax, values: List[float], passed: Callable[[Row], Optional[bool]], origin: float = 0.0) -> None:
         colors = ["tab:green" if passed(r) else "tab:red" if passed(r) is False else "tab:gray" for r in rows]
-        ax.barh(y, values, color=colors)
+        ax.barh(y, [v - origin for v in values], left=origin, color=colors)
         ax.grid(axis="x", alpha=0.3)
 
     def passed_of(key: str) -> Callable[[Row], Optional[bool]]:
         return lambda r: next((c.passed for c in checks(r) if c.key == key), None)
 
-    bars(ax1, [r.ratio_fb or 0.0 for r in rows], passed_of("speedup"))
+    ratios = [r.ratio_fb or 1.0 for r in rows]
+    bars(ax1, ratios, passed_of("speedup"), origin=1.0)  # bars grow from 1x: right = faster than the baseline
+    ax1.set_xscale("log", base=2)
+    ax1.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax1.set_xlim(min(0.5, min(ratios) / 1.2), max(4.0, max(ratios) * 1.2))
     ax1.axvline(1.0, color="k", lw=0.8)
     ax1.axvline(2.0, color="k", lw=0.8, ls="--")
-    ax1.set_xlabel("speedup over baseline, forward+backward (x)")
+    ax1.set_xlabel("speedup over baseline, forward+backward (x, log scale)")
     ax1.set_yticks(y)
     ax1.set_yticklabels(labels, fontsize=7)
     ax1.invert_yaxis()
