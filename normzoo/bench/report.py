@@ -137,15 +137,13 @@ def write_plot(result: "BenchResult", path: str) -> Optional[str]:
     rows = [r for r in result.rows if r.error is None and r.ratio_fb is not None]
     if not rows:
         return None
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+    from matplotlib.ticker import FuncFormatter
 
     labels = [r.label for r in rows]
     height = max(3.0, 0.22 * len(rows) + 1.2)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, height), sharey=True)
+    fig = Figure(figsize=(12, height))
+    ax1, ax2 = fig.subplots(1, 2, sharey=True)
     y = list(range(len(rows)))
 
     def bars(ax, values: List[float], passed: Callable[[Row], Optional[bool]], origin: float = 0.0) -> None:
@@ -159,7 +157,7 @@ def write_plot(result: "BenchResult", path: str) -> Optional[str]:
     ratios = [r.ratio_fb or 1.0 for r in rows]
     bars(ax1, ratios, passed_of("speedup"), origin=1.0)  # bars grow from 1x: right = faster than the baseline
     ax1.set_xscale("log", base=2)
-    ax1.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax1.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
     ax1.set_xlim(min(0.5, min(ratios) / 1.2), max(4.0, max(ratios) * 1.2))
     ax1.axvline(1.0, color="k", lw=0.8)
     ax1.axvline(2.0, color="k", lw=0.8, ls="--")
@@ -175,7 +173,6 @@ def write_plot(result: "BenchResult", path: str) -> Optional[str]:
                  f" (green: target met, red: missed)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
