@@ -25,3 +25,4 @@ from normzoo.nn.evonorm import EvoNormB0, EvoNormS0
 from normzoo.nn.response import FRN, TLU, FilterResponseNorm1d, FilterResponseNorm2d, FilterResponseNorm3d
 from normzoo.nn.spectral import SpectralNorm, remove_spectral_norm, spectral_norm, spectral_sigma
 from normzoo.nn.weight import WeightNorm, data_dependent_init, remove_weight_norm, weight_norm
+from normzoo.nn.sync import SyncBatchNorm
