@@ -135,6 +135,8 @@ def test_checks_mark_pass_and_miss():
                reference_fb_s=0.0045, fp32_fb_s=0.004)
     row.saved = SavedBytes(activation_bytes=row.saved_allowance + 1, parameter_bytes=0, tensors=1, storages=1,
                            saves_input=True)
+    saved_check = next(c for c in targets.checks(row) if c.key == "saved")
+    assert saved_check.threshold == pytest.approx(row.saved_allowance / row.tensor_bytes)
     got = {c.key: c.passed for c in targets.checks(row)}
     # speedup 1.8 < 2 (formula); copy: (5/0.005)/(2/0.001) = 0.5 -> met; vs_bn 1.11 <= 1.3; saved over; bf16 1.25 > 1
     assert got == {"speedup": False, "copy": True, "vs_bn": True, "saved": False, "bf16": False}

@@ -15,12 +15,14 @@ ln2d                        ``torch.nn.GroupNorm(1, C)``: same statistics and pe
                             (``torch.nn.LayerNorm([C, H, W])`` has a per-element affine: another layer.)
 ln                          ``torch.nn.LayerNorm(D)`` over the last dim
 rms                         ``torch.nn.RMSNorm(D)`` over the last dim, same ``eps``
-mbn* brn* bin* switch*      the paper's formula in plain autograd torch (:mod:`normzoo.bench.formulas`)
-cbn* frn evonorm_b0/_s0
+syncbn                      ``torch.nn.SyncBatchNorm(C)`` (one process: BatchNorm of the local batch)
+mbn* brn* bin* switch*      the paper's formula in plain autograd torch (:mod:`normzoo.bench.formulas`),
+cbn* frn* evonorm_b0/_s0    built with the normzoo module's hyper-parameters where the names agree
+syncmbn                     (``eps``, ``groups``, ``r_max``, ``d_max``, ``window``)
 ==========================  ===================================================================
 
-Shapes. Image layers take ``(N, C, *S)``: ``*1d`` layers rank 3, ``*2d`` (and gn, ln2d, frn, evonorm)
-rank 4, ``*3d`` rank 5. Sequence layers (``ln``, ``rms``) take ``(N, L, D)`` and normalize ``D``. Each
+Shapes. Image layers take ``(N, C, *S)``: ``*1d`` layers rank 3, ``*2d`` (and gn, ln2d, frn, evonorm,
+syncbn, syncmbn) rank 4, ``*3d`` rank 5. Sequence layers (``ln``, ``rms``) take ``(N, L, D)`` and normalize ``D``. Each
 layer gets the given shapes of its rank; when none has that rank they are derived from the given ones
 (:func:`shapes_for`). ``channels_last`` means channels innermost in memory (``torch.channels_last`` for
 rank 4, ``torch.channels_last_3d`` for rank 5, the ``(N, L, C)`` layout for rank 3); sequence layers are
@@ -31,6 +33,7 @@ carry a **reference**: normzoo's own BatchNorm of the same rank, timed in the sa
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -126,14 +129,19 @@ def _groups_of(subject: nn.Module, c: int) -> int:
     return math.gcd(c, 32)
 
 
-def _formula(cls: type, **fixed: object) -> BaselineBuilder:
+def _formula(cls: type) -> BaselineBuilder:
+    """Build the formula module with the subject's hyper-parameters where the names agree (``eps``, ``groups``,
+    ``r_max``, ``d_max``, ``window``, ...): every keyword of ``cls`` that the subject has as a plain number."""
+    names = [p for p in inspect.signature(cls).parameters if p != "num_features"]
+
     def build(subject: nn.Module, c: int) -> nn.Module:
-        kwargs = dict(fixed)
-        if cls is formulas.EvoNormS0Formula:
+        kwargs = {}
+        for name in names:
+            value = getattr(subject, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                kwargs[name] = value
+        if "groups" in names:
             kwargs["groups"] = _groups_of(subject, c)
-        eps = _eps_of(subject, None)
-        if eps is not None:
-            kwargs["eps"] = eps
         return cls(c, **kwargs)
 
     return build
@@ -158,9 +166,16 @@ def _build_table() -> Dict[str, _Entry]:
                    "torch.nn.GroupNorm(G, C)", None)
     table["ln2d"] = ("image", 4, lambda s, c: nn.GroupNorm(1, c, eps=_eps_of(s)),
                      "torch.nn.GroupNorm(1, C) (LayerNorm over C,H,W with per-channel affine)", None)
-    for name, cls in (("frn", formulas.FilterResponseNormFormula), ("evonorm_b0", formulas.EvoNormB0Formula),
-                      ("evonorm_s0", formulas.EvoNormS0Formula)):
-        table[name] = ("image", 4, _formula(cls), f"formula: {cls.__name__}", None)
+    for name, rank, cls in (("frn1d", 3, formulas.FilterResponseNormFormula),
+                            ("frn", 4, formulas.FilterResponseNormFormula),
+                            ("frn3d", 5, formulas.FilterResponseNormFormula),
+                            ("evonorm_b0", 4, formulas.EvoNormB0Formula),
+                            ("evonorm_s0", 4, formulas.EvoNormS0Formula),
+                            ("syncmbn", 4, formulas.MeanOnlyBatchNormFormula)):
+        table[name] = ("image", rank, _formula(cls), f"formula: {cls.__name__}", None)
+    # Without an initialised process group both SyncBatchNorms are plain BatchNorm over the local batch.
+    table["syncbn"] = ("image", 4, lambda s, c: nn.SyncBatchNorm(c, eps=_eps_of(s)),
+                       "torch.nn.SyncBatchNorm(C) (single process: local batch)", None)
     table["ln"] = ("sequence", 3, lambda s, c: nn.LayerNorm(c, eps=_eps_of(s)), "torch.nn.LayerNorm(D)", None)
     table["rms"] = ("sequence", 3, lambda s, c: nn.RMSNorm(c, eps=_eps_of(s, None)), "torch.nn.RMSNorm(D)", None)
     return table

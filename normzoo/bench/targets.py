@@ -10,7 +10,8 @@ copy        effective forward+backward bandwidth (5 x tensor bytes / time) >= 50
 vs_bn       BatchNorm family (mean-only BN, Batch Renorm, Batch-Instance Norm, Switchable Norm, CBN):
             time <= 1.3 x normzoo BatchNorm's at the same shape, dtype and format
 saved       bytes saved for backward (parameters excluded) <= one input-sized tensor + O(N*C) statistics
-            (the allowance of :attr:`normzoo.bench.results.Row.saved_allowance`)
+            (the allowance of :attr:`normzoo.bench.results.Row.saved_allowance`); value and threshold in
+            units of one input tensor
 bf16        bfloat16 rows: forward+backward time <= the float32 row's (same elements: per element)
 ==========  ===========================================================================================
 
@@ -49,7 +50,7 @@ class Check:
         return self.value >= self.threshold if self.at_least else self.value <= self.threshold
 
     def describe(self) -> str:
-        return f"{self.key} {'>=' if self.at_least else '<='} {self.threshold:g}"
+        return f"{self.key} {'>=' if self.at_least else '<='} {self.threshold:.3g}"
 
     def to_dict(self) -> Dict[str, object]:
         return {"key": self.key, "value": self.value, "threshold": self.threshold,
@@ -81,8 +82,8 @@ def checks(row: Row) -> List[Check]:
            Check("copy", row.copy_fraction_fb, COPY_FRACTION_MIN, True)]
     if in_bn_family(row.layer):
         out.append(Check("vs_bn", row.vs_bn, VS_BN_MAX, False))
-    if row.saved is not None:
-        out.append(Check("saved", float(row.saved.activation_bytes), float(row.saved_allowance), False))
+    if row.saved is not None:  # in units of one input tensor, as the table shows it
+        out.append(Check("saved", row.saved_vs_input, row.saved_allowance / row.tensor_bytes, False))
     if row.dtype == "bfloat16":
         out.append(Check("bf16", row.bf16_vs_fp32, BF16_VS_FP32_MAX, False))
     return out
