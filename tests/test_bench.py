@@ -146,6 +146,17 @@ def test_checks_mark_pass_and_miss():
     assert {c.key: c.passed for c in unmeasured} == {"speedup": None, "copy": None}
 
 
+def test_formula_baselines_take_the_subjects_hyper_parameters():
+    class Subject(nn.Module):
+        eps, r_max, d_max, groups, momentum = 1e-3, 2.0, 0.5, 4, None
+
+    brn = cases.spec_for("brn2d").make_baseline(Subject(), 8)
+    assert (brn.eps, brn.r_max, brn.d_max, brn.momentum) == (1e-3, 2.0, 0.5, 0.1)  # momentum None: default kept
+    assert cases.spec_for("evonorm_s0").make_baseline(Subject(), 8).groups == 4
+    assert cases.spec_for("gn").make_baseline(Subject(), 8).num_groups == 4
+    assert cases.spec_for("ln2d").make_baseline(Subject(), 8).num_groups == 1
+
+
 # ----- cases: shapes, formats, inputs -------------------------------------------------------------------------
 
 def test_parse_helpers():

@@ -10,6 +10,7 @@ Table columns (times are medians in milliseconds; every figure of a row comes fr
 ``saved``             bytes saved for backward (parameters excluded) in units of one input tensor
 ``vsBN``              time / normzoo BatchNorm's (BatchNorm family)
 ``bf16/32``           bfloat16 time / float32 time (per element)
+``busy``              cores other processes kept busy while this row's rounds ran (noise indicator)
 ``targets``           ``ok``, or the targets missed; a value that misses its target ends with ``!``
 
 A ``~`` after the shape marks a case whose input and output fit in the last-level cache together: its
@@ -45,7 +46,7 @@ def _row_cells(row: Row) -> List[str]:
     shape = "x".join(map(str, row.shape)) + ("~" if row.cache_resident else "")
     head = [row.layer, shape, _DT.get(row.dtype, row.dtype), _FMT[row.memory_format]]
     if row.error is not None:
-        return head + ["-"] * 10 + ["error: " + row.error[:100]]
+        return head + ["-"] * 11 + ["error: " + row.error[:100]]
     by_key: Dict[str, Check] = {c.key: c for c in checks(row)}
     saved = row.saved_vs_input
     missed = [c.describe() for c in by_key.values() if c.passed is False]
@@ -67,6 +68,7 @@ def _row_cells(row: Row) -> List[str]:
         _cell(saved, ".2f", by_key.get("saved")),
         _cell(row.vs_bn, ".2f", by_key.get("vs_bn")),
         _cell(row.bf16_vs_fp32, ".2f", by_key.get("bf16")),
+        _num(row.others_cores, ".1f"),
         verdict,
     ]
 
@@ -75,8 +77,8 @@ def _row_cells(row: Row) -> List[str]:
 _AGREE_TOL = {"float64": 1e-6, "float32": 1e-3, "bfloat16": 0.1, "float16": 0.02}
 
 _HEADER = ["layer", "shape", "dtype", "format", "fwd", "f+b", "base f+b", "speedup/need", "GB/s", "copy", "%copy",
-           "saved", "vsBN", "bf16/32", "targets"]
-_RIGHT = {4, 5, 6, 7, 8, 9, 10, 11, 12, 13}
+           "saved", "vsBN", "bf16/32", "busy", "targets"]
+_RIGHT = set(range(4, 15))
 
 
 def _grid(rows: Sequence[Sequence[str]]) -> List[str]:
