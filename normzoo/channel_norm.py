@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from normzoo import kernels
+from normzoo import kernels, native
 from normzoo.stats import Moments, ill_conditioned
 
 
@@ -107,6 +107,18 @@ class _ChannelNormFn(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], policy: Policy,
                 eps: float, mode: str, prepared: Optional[kernels.Prepared],
                 extra: Optional[Moments]) -> Tuple[Tensor, Tensor, Tensor]:
+        c = x.shape[1]
+        ctx.policy, ctx.mode = policy, mode
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.fused_groups = 0
+        if prepared is None and extra is None and policy.over != "batch" and x.dim() > 2 and native.supports(x):
+            # statistics local to a sample: one fused pass reads each block once (native.group_forward)
+            groups = c if policy.over == "instance" else policy.groups
+            y, mean_g, m2_g, rstd_g = native.group_forward(x, groups, weight, bias, eps, mode)
+            ctx.fused_groups, ctx.count = groups, policy.group_count(x)
+            ctx.save_for_backward(x, weight, mean_g, rstd_g, None)
+            ctx.mark_non_differentiable(mean_g, m2_g)
+            return y, mean_g, m2_g
         p = prepared if prepared is not None else kernels.prepare(x)
         group = policy.reduce(p.rows)
         if x.dim() == 2 and not p.exact and p.shift is None and bool(ill_conditioned(group, x.dtype).any()):
@@ -115,14 +127,12 @@ class _ChannelNormFn(torch.autograd.Function):
             group = policy.reduce(p.rows)
         if extra is not None:  # constant moments merged in: the backward below holds with the merged count
             group = group.merge(extra)
-        c = x.shape[1]
         rstd_g = _group_scale(group, eps, mode)
         a = _with_weight(policy.expand(rstd_g, c), weight)
         centre = _centre(group.mean, p.shift, policy, c, mode)
         b = torch.zeros_like(a) if bias is None else bias.to(a.dtype).expand_as(a)
         y = kernels.affine(p.x, a, centre, b)
-        ctx.policy, ctx.mode, ctx.count = policy, mode, group.count
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.count = group.count
         # saved: the tensor the forward read, and per-group statistics (per-(n, c) only for a shift)
         ctx.save_for_backward(p.x, weight, group.mean, rstd_g, p.shift)
         ctx.mark_non_differentiable(group.mean, group.m2)
@@ -135,6 +145,12 @@ class _ChannelNormFn(torch.autograd.Function):
         policy: Policy = ctx.policy
         c = x.shape[1]
         rstd = policy.expand(rstd_g, c)
+        if ctx.fused_groups:
+            dx, s1, s2 = native.group_backward(dy, x, ctx.fused_groups, weight, mean_g, rstd_g, ctx.mode)
+            a_sum = rstd * s2
+            dweight = a_sum.sum(0) if ctx.has_weight and ctx.needs_input_grad[1] else None
+            dbias = s1.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+            return dx, dweight, dbias, None, None, None, None, None
         centre = _centre(mean_g, shift, policy, c, ctx.mode)  # x_hat = (x - centre) * rstd
         s1, s2 = kernels.grad_sums(dy, x, centre)
         a_sum = rstd * s2  # per (n, c): sum_S dy * x_hat

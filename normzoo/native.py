@@ -103,7 +103,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"nz_affine_grad_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, P, I]
         getattr(lib, f"nz_rownorm_forward_{suf}").argtypes = [P, P, I64, I64, P, P, D, I, P, P, I]
         getattr(lib, f"nz_rownorm_backward_{suf}").argtypes = [P, P, P, I64, I64, P, I, P, P, P, I]
-        for name in ("moments", "affine", "grad_sums", "affine_grad", "rownorm_forward", "rownorm_backward"):
+        getattr(lib, f"nz_group_forward_{suf}").argtypes = [P, P, I64, I64, I64, I64, I, P, P, D, I, P, P, P, I]
+        getattr(lib, f"nz_group_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I64, I, P, I, P, P, P, P, I]
+        for name in ("moments", "affine", "grad_sums", "affine_grad", "rownorm_forward", "rownorm_backward",
+                     "group_forward", "group_backward"):
             getattr(lib, f"nz_{name}_{suf}").restype = None
 
 
@@ -227,6 +230,39 @@ def affine_grad(dy: Tensor, x: Tensor, k1: Tensor, k2: Tensor, centre: Tensor, k
     return dx
 
 
+# -- the fused group passes (statistics local to a sample: IN, GN, channel-first LN) ------------------
+_MODES = {"standard": 0, "mean": 1, "rms": 2}
+
+
+def group_forward(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                  mode: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused per-(sample, channel group) normalization of ``x`` ``(N, C, *S)``: ``y`` and float64 ``(N, G)``
+    group ``mean``, ``M2`` and ``rstd``. Reads ``x`` once from memory (the block stays in cache)."""
+    n, c, l = _dims(x)
+    y = torch.empty_like(x)
+    mean, m2, rstd = (torch.empty(n, groups, dtype=torch.float64) for _ in range(3))
+    g, b = _vec(weight, c, 1.0), _vec(bias, c, 0.0)
+    _fn("group_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, groups, layout(x), g.data_ptr(), b.data_ptr(),
+                                  float(eps), _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(),
+                                  _threads(x.numel()))
+    return y, mean, m2, rstd
+
+
+def group_backward(dy: Tensor, x: Tensor, groups: int, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                   mode: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fused backward of :func:`group_forward`: ``dx`` and per-(n, c) ``sum dy``, ``sum dy * (x - centre)``."""
+    n, c, l = _dims(x)
+    dy = _like(x, dy)
+    dx = torch.empty_like(x)
+    s1 = torch.empty(n, c, dtype=torch.float64)
+    s2 = torch.empty(n, c, dtype=torch.float64)
+    g = _vec(weight, c, 1.0)
+    _fn("group_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, groups, layout(x),
+                                   g.data_ptr(), _MODES[mode], mean.contiguous().data_ptr(),
+                                   rstd.contiguous().data_ptr(), s1.data_ptr(), s2.data_ptr(), _threads(x.numel()))
+    return dx, s1, s2
+
+
 # -- the fused row passes (LayerNorm / RMSNorm over the last dims) ------------------------------------
 def _vec(t: Optional[Tensor], d: int, fill: float) -> Tensor:
     if t is None:
@@ -263,4 +299,4 @@ def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Te
 
 
 __all__ = ["library", "status", "supports", "layout", "moments", "affine", "grad_sums", "affine_grad",
-           "rownorm_forward", "rownorm_backward", "PARALLEL_THRESHOLD"]
+           "rownorm_forward", "rownorm_backward", "group_forward", "group_backward", "PARALLEL_THRESHOLD"]
