@@ -197,6 +197,16 @@ def test_make_input_channels_last_puts_channels_innermost(shape):
     assert cases.make_input(shape, torch.float32, "contiguous").is_contiguous()
 
 
+def test_select_all_takes_every_registered_layer_with_a_baseline():
+    import normzoo
+
+    registered = set(normzoo.available())
+    sel = cases.select_layers(["all"])
+    assert {s.name for s in sel.specs} == registered & set(cases.known_layers())
+    assert {s["layer"] for s in sel.skipped} == registered - set(cases.known_layers())
+    assert all(s.family == "bn" for s in sel.specs if s.name.startswith(("brn", "bin", "switch", "cbn", "mbn")))
+
+
 def test_unknown_layer_is_an_error_and_unwritten_layer_is_skipped():
     with pytest.raises(ValueError, match="unknown layer"):
         cases.select_layers(["nosuchnorm"])
