@@ -207,6 +207,24 @@ def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] =
     return _last_dims_norm("rms_norm", input, normalized_shape, weight, None, eps, "rms")
 
 
+# Functional forms of the methods whose modules live in their own files, re-exported lazily: their
+# modules import normzoo.nn, which imports this module.
+_ELSEWHERE = {
+    "filter_response_norm": "normzoo.nn.response",
+    "tlu": "normzoo.nn.response",
+    "evonorm_b0": "normzoo.nn.evonorm",
+    "evonorm_s0": "normzoo.nn.evonorm",
+}
+
+
+def __getattr__(name: str):
+    if name in _ELSEWHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
+    raise AttributeError(f"module 'normzoo.functional' has no attribute {name!r}")
+
+
 __all__ = [
     "batch_norm",
     "mean_only_batch_norm",
@@ -216,4 +234,5 @@ __all__ = [
     "layer_norm_2d",
     "rms_norm",
     "update_running_stats",
+    *_ELSEWHERE,
 ]

@@ -187,9 +187,9 @@ def raw_moments(x: Tensor, dims: Tuple[int, ...], keepdim: bool = True) -> Momen
         mean = x.to(acc)
         return Moments(1, mean, torch.zeros_like(mean))
     s1 = x.sum(dims, keepdim=keepdim, dtype=acc)
-    s2 = torch.linalg.vector_norm(x, 2, dim=dims, keepdim=keepdim, dtype=acc).square_()
-    mean = s1.div_(n)
-    m2 = s2.sub_(mean * mean * n).clamp_min_(0)
+    s2 = torch.linalg.vector_norm(x, 2, dim=dims, keepdim=keepdim, dtype=acc).square()
+    mean = s1 / n
+    m2 = (s2 - mean * mean * n).clamp_min(0)  # out of place: moments() stays differentiable
     return Moments(n, mean, m2)
 
 

@@ -122,3 +122,10 @@ def test_moments_errors():
         moments(torch.randn(3, 4), 2)
     with pytest.raises(ValueError, match="empty"):
         moments(torch.randn(0, 4), 0)
+
+
+def test_moments_are_differentiable():
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: moments(x, 0).var(), (x,))
+    x_far = (torch.randn(5, 4, dtype=torch.float64) + 1e3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: moments(x, 0).var(), (x_far,))
