@@ -96,8 +96,9 @@ def global_batch_moments(input: Tensor, process_group: Any = None) -> Tuple[kern
     :func:`sync_batch_norm` as ``prepared=`` and ``moments=`` so that ``input`` is read only once more.
     """
     _checks.check_input("global_batch_moments", input, (2, 3, 4, 5), shape_hint="(N, C, *spatial)")
-    p = kernels.prepare(input)
-    return p, all_gather_moments(_local_moments(p, input.shape[1], input), process_group)
+    with torch.no_grad():  # statistics are constants to autograd; the backward of sync_batch_norm handles them
+        p = kernels.prepare(input)
+        return p, all_gather_moments(_local_moments(p, input.shape[1], input), process_group)
 
 
 class _SyncBatchNormFn(torch.autograd.Function):
@@ -132,8 +133,9 @@ class _SyncBatchNormFn(torch.autograd.Function):
             sums = torch.stack([s1.sum(0).to(rstd.dtype), (rstd * s2.sum(0).to(rstd.dtype))])  # dy, dy * x_hat
         else:  # an empty batch contributes nothing, but still joins the collective
             sums = torch.zeros(2, c, dtype=rstd.dtype, device=x.device)
-        dweight = sums[1].to(weight.dtype) if ctx.has_weight and ctx.needs_input_grad[1] else None
-        dbias = sums[0].to(bias.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        # this process's contributions (DDP reduces them); copies, since the all_reduce below works in place
+        dweight = sums[1].to(weight.dtype, copy=True) if ctx.has_weight and ctx.needs_input_grad[1] else None
+        dbias = sums[0].to(bias.dtype, copy=True) if ctx.has_bias and ctx.needs_input_grad[2] else None
         dx = None
         if ctx.needs_input_grad[0]:
             if world_size(ctx.process_group) > 1:
@@ -155,6 +157,7 @@ def sync_batch_norm(
     *,
     prepared: Optional[kernels.Prepared] = None,
     moments: Optional[Moments] = None,
+    name: str = "sync_batch_norm",
 ) -> Tuple[Tensor, Moments]:
     """Batch normalization of ``input`` ``(N, C, *S)`` with the statistics of every process's batch.
 
@@ -164,9 +167,8 @@ def sync_batch_norm(
     autograd expressions; their gradients are this process's contributions (DDP reduces them). ``prepared``
     and ``moments`` come from :func:`global_batch_moments` when the caller needed the statistics first.
     Every process of the group must call it, with an empty batch if it has no data; fails on every process
-    alike (``ValueError``) when the whole group holds at most one value per channel.
+    alike (``ValueError``, naming ``name``) when the whole group holds at most one value per channel.
     """
-    name = "sync_batch_norm"
     if mode not in ("standard", "mean"):
         raise ValueError(f"{name}: mode must be 'standard' or 'mean', got {mode!r}")
     _checks.check_input(name, input, (2, 3, 4, 5), shape_hint="(N, C, *spatial)")
@@ -177,8 +179,7 @@ def sync_batch_norm(
     if prepared is not None and moments is None:
         raise ValueError(f"{name}: 'prepared' needs the matching 'moments' from global_batch_moments")
     if moments is None:
-        prepared = kernels.prepare(input)
-        moments = all_gather_moments(_local_moments(prepared, c, input), process_group)
+        prepared, moments = global_batch_moments(input, process_group)
     total = _int_count(moments.count)
     moments = Moments(total, moments.mean.double(), moments.m2.double())
     if total <= (0 if mode == "mean" else 1):
@@ -223,7 +224,7 @@ class SyncBatchNorm(_BatchNorm):
         x = self._check_input(input)
         factor = self._momentum_factor()
         y, batch = sync_batch_norm(x, self.weight, self.bias, self.eps, "mean" if self.mean_only else "standard",
-                                   self.process_group)
+                                   self.process_group, name=type(self).__name__)
         if self.track_running_stats:
             F.update_running_stats(self.running_mean, self.running_var, batch, factor)
         return y
