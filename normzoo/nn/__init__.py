@@ -26,3 +26,7 @@ from normzoo.nn.response import FRN, TLU, FilterResponseNorm1d, FilterResponseNo
 from normzoo.nn.spectral import SpectralNorm, remove_spectral_norm, spectral_norm, spectral_sigma
 from normzoo.nn.weight import WeightNorm, data_dependent_init, remove_weight_norm, weight_norm
 from normzoo.nn.sync import SyncBatchNorm
+from normzoo.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule
+from normzoo.nn.batch_instance import BatchInstanceNorm1d, BatchInstanceNorm2d, bin_param_groups
+from normzoo.nn.switchable import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d
+from normzoo.nn.cross_iteration import CrossIterationBatchNorm1d, CrossIterationBatchNorm2d

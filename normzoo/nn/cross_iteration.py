@@ -1,0 +1,394 @@
+"""Cross-Iteration Batch Normalization (Yao, Cao, Zheng, Huang & Lin 2021): BN statistics over the last k iterations.
+
+With small batches the batch statistics are noisy. CBN pools the statistics of the current iteration ``t``
+and the ``k - 1`` before it. Those were computed with older weights ``theta_{t-tau}`` of the preceding layer,
+so each is *compensated* to the current weights with the paper's first-order Taylor term::
+
+    mu_{t-tau}(theta_t) ~ mu_{t-tau}(theta_{t-tau}) + d mu_{t-tau} / d theta . (theta_t - theta_{t-tau})
+    nu_{t-tau}(theta_t) ~ nu_{t-tau}(theta_{t-tau}) + d nu_{t-tau} / d theta . (theta_t - theta_{t-tau})
+
+(``nu = E[y^2]``, per output channel ``j`` of the preceding layer ``y = W x + b``), and then, as in the paper,
+``nu_bar = mean_tau max(nu_tau, mu_tau^2)``, ``mu_bar = mean_tau mu_tau``, ``var_bar = nu_bar - mu_bar^2``,
+``y = gamma (x - mu_bar) / sqrt(var_bar + eps) + beta``. Only the current iteration's statistics carry a
+gradient (the compensated past ones are constants, as in the paper and the official code).
+
+How normzoo computes it (same result, better numerics and cost):
+
+- **Per-iteration moments, merged exactly.** Each past iteration is stored as ``(count, mu, var)`` and the
+  paper's max becomes ``var_tau = max(nu_tau - mu_tau^2, 0)``; the k iterations are merged with Chan's
+  formula (:mod:`normzoo.stats`), which equals the paper's average for equal batch sizes and weights
+  iterations by their element count otherwise. With ``P = d mu_j / d W_j`` and ``G = d var_j / d W_j``
+  the compensated variance is ``var + G . dW - (P . dW)^2``, algebraically the paper's
+  ``nu + (d nu/dW) . dW - mu(theta_t)^2`` without the cancellation of ``E[y^2] - E[y]^2``.
+- **Analytic derivatives** (:func:`batch_moment_grads`): for ``y = W x + b`` (Linear, or a convolution
+  with ``x`` read as patches ``x~``), ``d mu_j / d W_j = mean(x~)`` -- the same for every output channel of
+  a group, stored compactly -- and ``d var_j / d W_j = (2/m) sum (y_j - mu_j) x~``, one weight-gradient-
+  shaped reduction (the cost of a convolution's weight gradient), not two autograd passes through the
+  layer as in the official code. ``mu`` is linear in ``W``, so its compensation is exact. A bias of the
+  preceding layer shifts ``mu`` exactly and leaves the variance alone (the paper compensates the weights
+  only; its layers have no bias).
+- **Storage.** ``P . W_tau`` and ``G . W_tau`` are kept per channel instead of the old weights, so a past
+  iteration costs one weight-sized tensor (``G``) plus ``O(C)``; all of it lives in registered buffers
+  (``window_*``, ``iteration``): it follows ``.to()``, and is saved and loaded with the ``state_dict``
+  (the official code keeps Python lists, lost on save, and hard-codes CUDA).
+- **Burn-in.** The first ``burn_in`` training iterations are plain BatchNorm (the paper's burn-in: early in
+  training the weights move too fast for the Taylor term); the statistics of the last ``window - 1`` of
+  them are recorded so the window is full when it starts.
+- **Running statistics** are updated with the current batch's statistics exactly as BatchNorm's (eval uses
+  them), so ``window=1`` is BatchNorm exactly and a BatchNorm checkpoint loads with ``strict=False``.
+- epsilon is inside the square root (the official code adds it to the standard deviation).
+
+Using it: the layer needs the preceding layer (a ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` whose output
+it receives directly)::
+
+    conv = nn.Conv2d(64, 128, 3, padding=1, bias=False)
+    cbn = CrossIterationBatchNorm2d(128, window=4, burn_in=1000).attach(conv)
+    out = cbn(conv(x))
+
+``attach`` registers a forward hook on ``conv`` that hands its input and output to the CBN layer (no copy).
+``compensate=False`` gives the naive windowed statistics (no preceding layer needed), the paper's ablation.
+After each training step, :attr:`last_window` holds the per-iteration statistics used (compensated and as
+recorded) for measuring the compensation error.
+"""
+from __future__ import annotations
+
+from typing import Any, List, NamedTuple, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor, nn
+
+from normzoo import _checks, kernels
+from normzoo.channel_norm import Policy, channel_norm, fixed_affine
+from normzoo.nn._base import NormBase
+from normzoo.registry import register
+from normzoo.stats import Moments, accumulation_dtype
+
+_Layer = Union[nn.Linear, nn.Conv1d, nn.Conv2d]
+
+
+class WindowStats(NamedTuple):
+    """The statistics behind one training step of a Cross-Iteration BN layer (all detached).
+
+    Per iteration (dim 0: the current one first, then the past ones from newest to oldest; ``count == 0``
+    marks an empty slot): ``count`` ``(k,)``, ``mean``/``var`` ``(k, C)`` compensated to the current weights,
+    ``raw_mean``/``raw_var`` as recorded with the weights of their time. ``window_mean``/``window_var``
+    ``(C,)``: the merged statistics the layer normalized with.
+    """
+
+    count: Tensor
+    mean: Tensor
+    var: Tensor
+    raw_mean: Tensor
+    raw_var: Tensor
+    window_mean: Tensor
+    window_var: Tensor
+
+
+def _conv_input(layer: nn.Module, x: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
+    """``(x', padding)`` with ``conv(x', W, padding=padding)`` equal to ``layer(x)`` (explicit zero padding)."""
+    dims = x.dim() - 2
+    pad = layer.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return x, (0,) * dims
+        # "same": total padding dilation * (kernel - 1) per dim, the odd element on the right (as torch)
+        spec: List[int] = []
+        for d, k in zip(reversed(layer.dilation), reversed(layer.kernel_size)):
+            total = d * (k - 1)
+            spec += [total // 2, total - total // 2]
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        return TF.pad(x, spec, mode=mode), (0,) * dims
+    if layer.padding_mode != "zeros":
+        return TF.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), (0,) * dims
+    return x, tuple(pad)
+
+
+def batch_moment_grads(layer: _Layer, input: Tensor, output: Tensor, mean: Optional[Tensor] = None
+                       ) -> Tuple[Tensor, Tensor]:
+    """Derivatives of the per-channel batch mean and (biased) variance of ``output = layer(input)`` w.r.t. its weight.
+
+    For output channel ``j`` with weights ``W_j`` (flattened to ``F = in_channels / groups * prod(kernel)``)
+    and ``m`` output elements per channel, reading the input as patches ``x~`` (Linear: the input rows)::
+
+        d mu_j  / d W_j = (1/m) sum x~                  (the same for all channels of a group)
+        d var_j / d W_j = (2/m) sum (y_j - mu_j) x~
+
+    Returns ``(dmean, dvar)``: ``dmean`` of shape ``(groups, F)`` and ``dvar`` of shape ``(C_out, F)``, in the
+    accumulation dtype. ``mean``: the per-channel mean of ``output`` if already known. Supported layers:
+    ``nn.Linear`` on ``(N, F)`` input, ``nn.Conv1d``, ``nn.Conv2d`` (any stride, padding, padding mode,
+    dilation, groups).
+    """
+    acc = accumulation_dtype(output.dtype)
+    x, y = input.detach(), output.detach()
+    dims = [0] + list(range(2, y.dim()))
+    m = y.numel() // y.shape[1]
+    if mean is None:
+        mean = y.mean(dims, dtype=acc)
+    centred = (y - mean.to(y.dtype).view((1, -1) + (1,) * (y.dim() - 2))) * (2.0 / m)
+    if isinstance(layer, nn.Linear):
+        if x.dim() != 2:
+            raise ValueError(f"batch_moment_grads: a Linear layer's input must be (N, F), got {tuple(x.shape)}")
+        return x.mean(0, keepdim=True, dtype=acc), centred.to(acc).t() @ x.to(acc)
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and not isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        grad_weight = torch.nn.grad.conv1d_weight if isinstance(layer, nn.Conv1d) else torch.nn.grad.conv2d_weight
+        xp, padding = _conv_input(layer, x)
+        groups, c_out = layer.groups, layer.out_channels
+        kw = dict(stride=layer.stride, padding=padding, dilation=layer.dilation, groups=groups)
+        ones = torch.ones((1, groups) + tuple(y.shape[2:]), dtype=xp.dtype, device=xp.device)
+        shape_p = (groups, layer.in_channels // groups) + tuple(layer.kernel_size)
+        dmean = grad_weight(xp.sum(0, keepdim=True), shape_p, ones, **kw).reshape(groups, -1).to(acc) / m
+        dvar = grad_weight(xp, tuple(layer.weight.shape), centred.to(xp.dtype), **kw).reshape(c_out, -1).to(acc)
+        return dmean, dvar
+    raise TypeError(f"batch_moment_grads: expected nn.Linear, nn.Conv1d or nn.Conv2d, got {type(layer).__name__}")
+
+
+def _weight_dots(layer: _Layer, dmean: Tensor, dvar: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel ``dmean . W_j`` and ``dvar_j . W_j`` for ``dmean`` ``(..., G, F)``, ``dvar`` ``(..., C, F)``."""
+    w = layer.weight.detach().to(dvar.dtype)
+    c, groups = w.shape[0], dmean.shape[-2]
+    wf = w.reshape(c, -1)
+    pw = torch.einsum("...gf,gof->...go", dmean, wf.view(groups, c // groups, -1)).flatten(-2)
+    gw = torch.einsum("...of,of->...o", dvar, wf)
+    return pw, gw
+
+
+class _CrossIterationBatchNorm(NormBase):
+    """Cross-Iteration Batch Normalization (Yao et al. 2021): BatchNorm over the last ``window`` iterations,
+    compensated for the weight change of the preceding layer (see :mod:`normzoo.nn.cross_iteration`).
+
+    Args (beyond BatchNorm's, keyword-only):
+        window: ``k``, the number of iterations pooled (current included); 1 is BatchNorm.
+        burn_in: training iterations of plain BatchNorm before the window is used.
+        compensate: apply the Taylor compensation (needs :meth:`attach`); False gives naive windowed
+            statistics. Changing it clears the stored iterations.
+
+    Buffers (in the ``state_dict``, following ``.to()``): BatchNorm's, plus ``iteration`` (training steps
+    seen) and the per-iteration window ``window_count``, ``window_mean``, ``window_var``, ``window_dmean``,
+    ``window_dvar``, ``window_wmean``, ``window_wvar``, ``window_bias``. Eval: the running statistics. Only
+    the current iteration's statistics receive gradients.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device: Any = None, dtype: Any = None, *, bias: bool = True,
+                 window: int = 4, burn_in: int = 0, compensate: bool = True) -> None:
+        name = type(self).__name__
+        _checks.check_positive_int(name, "window", window)
+        if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
+            raise ValueError(f"{name}: burn_in must be a non-negative int, got {burn_in!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.window, self.burn_in = window, burn_in
+        self._compensate = bool(compensate)
+        acc = accumulation_dtype(dtype if dtype is not None else torch.get_default_dtype())
+        factory = {"device": device, "dtype": acc}
+        k, c = window - 1, num_features
+        self.register_buffer("iteration", torch.tensor(0, dtype=torch.long, device=device))
+        self.register_buffer("window_count", torch.zeros(k, **factory))
+        for name_ in ("window_mean", "window_var", "window_wmean", "window_wvar", "window_bias"):
+            self.register_buffer(name_, torch.zeros(k, c, **factory))
+        # shaped by the preceding layer's weight on attach() (or by a loaded state_dict)
+        self.register_buffer("window_dmean", torch.zeros(k, 1, 0, **factory))
+        self.register_buffer("window_dvar", torch.zeros(k, c, 0, **factory))
+        self._step = 0
+        self.__dict__["_layer"] = None  # the preceding layer: not a submodule (it belongs to the model)
+        self._hook: Any = None
+        self._captured: Optional[Tuple[Tensor, Tensor]] = None
+        self.last_window: Optional[WindowStats] = None
+
+    # -- state ------------------------------------------------------------------------------------
+    @property
+    def compensate(self) -> bool:
+        return self._compensate
+
+    @compensate.setter
+    def compensate(self, value: bool) -> None:
+        if bool(value) != self._compensate:
+            self._compensate = bool(value)
+            self.reset_window()
+
+    @property
+    def layer(self) -> Optional[nn.Module]:
+        """The attached preceding layer, or None."""
+        return self.__dict__["_layer"]
+
+    def reset_window(self) -> None:
+        """Forget the stored iterations (the iteration count is kept)."""
+        if "window_count" in self._buffers:
+            self.window_count.zero_()
+        self.last_window = None
+
+    def reset_running_stats(self) -> None:
+        """BatchNorm's reset, and the window and iteration count too."""
+        super().reset_running_stats()
+        if "iteration" in self._buffers:
+            self.iteration.zero_()
+            self._step = 0
+            self.reset_window()
+
+    def extra_repr(self) -> str:
+        layer = type(self.layer).__name__ if self.layer is not None else None
+        return (f"{super().extra_repr()}, window={self.window}, burn_in={self.burn_in}, "
+                f"compensate={self.compensate}, layer={layer}")
+
+    def attach(self, layer: Optional[_Layer]) -> "_CrossIterationBatchNorm":
+        """Use ``layer`` (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``) as the preceding layer whose weight
+        change is compensated; its output must be this layer's input. ``attach(None)`` detaches. Returns self.
+
+        Registers a forward hook on ``layer`` that passes its input and output to this layer during
+        training. Stored iterations are kept if their shapes fit the layer's weight, else cleared.
+        """
+        name = type(self).__name__
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.__dict__["_layer"] = None
+        self._captured = None
+        if layer is None:
+            return self
+        if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            raise TypeError(f"{name}.attach: expected nn.Linear, nn.Conv1d or nn.Conv2d, got {type(layer).__name__}")
+        out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        if out != self.num_features:
+            raise ValueError(f"{name}.attach: the layer has {out} output channels, this layer normalizes "
+                             f"{self.num_features}")
+        groups = 1 if isinstance(layer, nn.Linear) else layer.groups
+        f = layer.weight[0].numel()
+        k = self.window - 1
+        want = {"window_dmean": (k, groups, f), "window_dvar": (k, self.num_features, f)}
+        if any(tuple(self._buffers[n].shape) != s for n, s in want.items()):
+            for n, s in want.items():
+                old = self._buffers[n]
+                self._buffers[n] = torch.zeros(s, dtype=old.dtype, device=old.device)
+            self.reset_window()
+        self.__dict__["_layer"] = layer
+        self._hook = layer.register_forward_hook(self._capture)
+        return self
+
+    def _capture(self, module: nn.Module, args: Tuple[Any, ...], output: Tensor) -> None:
+        if self.training and self.compensate and self.window > 1:
+            self._captured = (args[0], output)
+
+    def __getstate__(self) -> dict:
+        # the captured tensors are transient (graph nodes of the current step): never copied or pickled
+        state = super().__getstate__()
+        return {**state, "_captured": None}
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        for n in ("window_dmean", "window_dvar"):  # their shape follows the preceding layer's weight
+            t = state_dict.get(prefix + n)
+            if isinstance(t, Tensor) and t.dim() == 3 and t.shape != self._buffers[n].shape:
+                old = self._buffers[n]
+                self._buffers[n] = torch.zeros(t.shape, dtype=old.dtype, device=old.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + "iteration" in state_dict:
+            self._step = int(self.iteration)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _take_capture(self, x: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        captured, self._captured = self._captured, None
+        name = type(self).__name__
+        if self.layer is None:
+            raise ValueError(f"{name}: compensate=True needs the preceding layer; call .attach(layer) with the "
+                             "nn.Linear/nn.Conv1d/nn.Conv2d whose output this layer normalizes (or set "
+                             "compensate=False for naive windowed statistics)")
+        if captured is None or captured[1] is not x:
+            raise ValueError(f"{name}: the input is not the latest output of the attached "
+                             f"{type(self.layer).__name__}; CBN must directly follow the layer it is attached to")
+        return captured
+
+    def _past(self) -> Tuple[Tensor, Tensor]:
+        """Per-slot ``(mean, var)`` of the stored iterations, compensated to the current weights if enabled."""
+        mean, var = self.window_mean, self.window_var
+        layer = self.layer
+        if not self.compensate or layer is None:
+            return mean, var
+        pw, gw = _weight_dots(layer, self.window_dmean, self.window_dvar)
+        dmu = pw - self.window_wmean  # P . (W_t - W_tau): exact, mu is linear in W
+        dvar = gw - self.window_wvar  # G . (W_t - W_tau)
+        shift = dmu
+        if layer.bias is not None:
+            shift = dmu + (layer.bias.detach().to(mean.dtype) - self.window_bias)
+        return mean + shift, (var + dvar - dmu * dmu).clamp_min(0.0)
+
+    def _record(self, slot: int, cur: Moments, captured: Optional[Tuple[Tensor, Tensor]]) -> None:
+        with torch.no_grad():
+            mean = cur.mean.reshape(-1)
+            self.window_count[slot] = float(cur.count)
+            self.window_mean[slot] = mean
+            self.window_var[slot] = cur.m2.reshape(-1) / cur.count
+            if captured is not None:
+                layer = self.layer
+                dmean, dvar = batch_moment_grads(layer, captured[0], captured[1], mean)
+                pw, gw = _weight_dots(layer, dmean, dvar)
+                self.window_dmean[slot] = dmean
+                self.window_dvar[slot] = dvar
+                self.window_wmean[slot] = pw
+                self.window_wvar[slot] = gw
+                self.window_bias[slot] = layer.bias.detach() if layer.bias is not None else 0.0
+
+    def forward(self, input: Tensor) -> Tensor:
+        x = self._check_input(input)
+        if not (self.training or self.running_mean is None):
+            return fixed_affine(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+        self._check_batch_stats(x)
+        if not self.training:  # no running statistics: plain batch statistics in eval
+            return channel_norm(x, self.weight, self.bias, Policy("batch"), self.eps)[0]
+        factor = self._momentum_factor()
+        k, step = self.window, self._step
+        self._step += 1
+        self.iteration.add_(1)
+        use_window = k > 1 and step >= self.burn_in
+        record = k > 1 and step >= self.burn_in - (k - 1)
+        captured = self._take_capture(x) if record and self.compensate else None
+        with torch.no_grad():
+            p = kernels.prepare(x)
+            cur = Policy("batch").reduce(p.rows)  # (1, C)
+            extra = None
+            if use_window:  # the past iterations as constant moments, merged into the batch's in channel_norm
+                mean_p, var_p = self._past()
+                counts = self.window_count.unsqueeze(1)
+                extra = Moments(counts, mean_p, var_p * counts).reduce(0, keepdim=True)
+        y, merged = channel_norm(x, self.weight, self.bias, Policy("batch"), self.eps, prepared=p, extra=extra)
+        if use_window:
+            self._keep_window_stats(step, cur, mean_p, var_p, merged)
+        if self.track_running_stats:
+            from normzoo.functional import update_running_stats  # runtime import (functional re-exports nn)
+
+            update_running_stats(self.running_mean, self.running_var, cur.reshape(-1), factor)
+        if record:
+            self._record(step % (k - 1), cur, captured)
+        return y
+
+    def _keep_window_stats(self, step: int, cur: Moments, mean_p: Tensor, var_p: Tensor, merged: Moments) -> None:
+        order = [(step - 1 - i) % (self.window - 1) for i in range(self.window - 1)]  # newest first
+        cm = cur.mean.reshape(1, -1).to(mean_p.dtype)
+        cv = (cur.m2.reshape(1, -1) / cur.count).to(var_p.dtype)
+        count = torch.cat([self.window_count.new_tensor([float(cur.count)]), self.window_count[order]])
+        self.last_window = WindowStats(
+            count=count,
+            mean=torch.cat([cm, mean_p[order]]).detach(),
+            var=torch.cat([cv, var_p[order]]).detach(),
+            raw_mean=torch.cat([cm, self.window_mean[order]]).detach(),
+            raw_var=torch.cat([cv, self.window_var[order]]).detach(),
+            window_mean=merged.mean.reshape(-1).detach(),
+            window_var=merged.var(0).reshape(-1).detach(),
+        )
+
+
+@register("cbn1d", "crossiterationbatchnorm1d")
+class CrossIterationBatchNorm1d(_CrossIterationBatchNorm):
+    __doc__ = _CrossIterationBatchNorm.__doc__
+    _input_dims = (2, 3)
+    _shape_hint = "(N, C) or (N, C, L)"
+
+
+@register("cbn2d", "crossiterationbatchnorm2d", "cbn")
+class CrossIterationBatchNorm2d(_CrossIterationBatchNorm):
+    __doc__ = _CrossIterationBatchNorm.__doc__
+    _input_dims = (4,)
+    _shape_hint = "(N, C, H, W)"
+
+
+__all__ = ["CrossIterationBatchNorm1d", "CrossIterationBatchNorm2d", "WindowStats", "batch_moment_grads"]
