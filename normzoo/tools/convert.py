@@ -69,13 +69,20 @@ def _layout_of_factory(factory: Callable[..., nn.Module]) -> str:
 
 
 def _family_member(canonical: str, module: nn.Module, known: Dict[str, str]) -> str:
-    """``brn2d`` for a ``BatchNorm2d`` source, ``brn1d`` for a ``BatchNorm1d`` one (if registered)."""
-    m = re.fullmatch(r"(.+?)([123])d", canonical)
+    """``brn2d`` for a ``BatchNorm2d`` source, ``brn1d`` for a ``BatchNorm1d`` one (if registered).
+
+    The family is read from the canonical name or any alias of it that ends in ``1d``/``2d``/``3d``
+    (``"frn"`` is also ``"frn2d"``, so a ``BatchNorm1d`` becomes ``"frn1d"``).
+    """
     dim = _layers.layer_dim(module)
-    if m is None or dim is None:
+    if dim is None:
         return canonical
-    sibling = f"{m.group(1)}{dim}d"
-    return known.get(sibling, canonical)
+    names = [canonical] + sorted(a for a, c in known.items() if c == canonical and a != canonical)
+    for n in names:
+        m = re.fullmatch(r"(.+?)([123])d", n)
+        if m is not None:
+            return known.get(f"{m.group(1)}{dim}d", canonical)
+    return canonical
 
 
 def _channel_arg(module: nn.Module, layout: str, where: str) -> Any:
