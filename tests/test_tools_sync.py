@@ -241,6 +241,36 @@ def test_sync_function_gradcheck_in_a_world_of_one():
         assert torch.autograd.gradcheck(lambda x, w, b: sync_batch_norm(x, w, b, mode=mode)[0], (x, w, b))
 
 
+def test_plug_in_path_for_batch_renorm_style_coefficients():
+    """global_batch_moments then sync_batch_norm with weight/bias expressions (BRN's gamma r, beta + gamma d)."""
+    from normzoo.nn.sync import global_batch_moments
+
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    gamma = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    r, d = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64), torch.tensor([0.1, -0.2, 0.0], dtype=torch.float64)
+
+    def ours(x, gamma, beta):
+        p, g = global_batch_moments(x)
+        assert g.count == 20
+        return sync_batch_norm(x, gamma * r, beta + gamma * d, prepared=p, moments=g)[0]
+
+    def formula(x, gamma, beta):  # r, d constants: y = gamma (x_hat r + d) + beta
+        mean, var = x.mean((0, 2), keepdim=True), x.var((0, 2), unbiased=False, keepdim=True)
+        x_hat = (x - mean) / torch.sqrt(var + 1e-5)
+        return gamma.view(1, 3, 1) * (x_hat * r.view(1, 3, 1) + d.view(1, 3, 1)) + beta.view(1, 3, 1)
+
+    torch.testing.assert_close(ours(x, gamma, beta), formula(x, gamma, beta))
+    g = torch.randn(4, 3, 5, dtype=torch.float64)
+    a = torch.autograd.grad((ours(x, gamma, beta) * g).sum(), (x, gamma, beta))
+    b = torch.autograd.grad((formula(x, gamma, beta) * g).sum(), (x, gamma, beta))
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v)
+    with pytest.raises(ValueError, match="needs the matching 'moments'"):
+        sync_batch_norm(x, prepared=global_batch_moments(x)[0])
+
+
 def test_all_gather_moments_in_a_world_of_one_is_the_identity_merge():
     x = torch.randn(5, 3, dtype=torch.float64)
     m = moments(x, 0)

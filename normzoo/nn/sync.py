@@ -9,17 +9,17 @@ DDP sums or averages, as ``torch.nn.SyncBatchNorm`` does).
 Communication, per training step (any backend: gloo on CPU, NCCL on GPU):
 
 - **forward**: one ``all_gather`` of each process's per-channel moments packed as ``(count, count*mean, M2)``
-  (``3 * C`` numbers, float64), merged exactly with Chan's formula (:meth:`normzoo.stats.Moments.reduce`).
-  Unlike an ``all_reduce`` of ``(sum x, sum x^2)`` this never subtracts two large numbers, so a channel with
-  mean 1e4 and std 1e-3 keeps its variance; and unlike torch's, it is exact for unequal batches.
+  (``3 * C`` numbers per process, float64), merged exactly for any batch sizes with Chan's formula
+  (:meth:`normzoo.stats.Moments.reduce`). Unlike an ``all_reduce`` of ``(sum x, sum x^2)`` (one collective
+  of ``2 * C`` numbers, but ``E[x^2] - E[x]^2`` cancels) this never subtracts two large numbers, so a
+  channel with mean 1e4 and std 1e-2 keeps its variance in float32.
 - **backward**: one ``all_reduce`` of the per-channel ``sum dy`` and ``sum dy * x_hat`` (``2 * C`` numbers).
 
 A process whose batch is empty (``N == 0``) contributes count 0 and still joins both collectives, so the
 others never wait for it forever. Outside an initialized process group, with a group of one process, or
 in eval mode, the layer is exactly :class:`normzoo.nn.BatchNorm2d` (and friends): no collective runs in
 eval, as in torch, so evaluating on one rank alone cannot hang. Unlike ``torch.nn.SyncBatchNorm`` it runs
-on CPU tensors (gloo) too, accepts any input rank ``(N, C, *S)`` with ``S`` of 0 to 3 dims, and supports
-mean-only BatchNorm (``mean_only=True``).
+on CPU tensors (gloo) too, and supports mean-only BatchNorm (``mean_only=True``).
 
 Other BatchNorm-family methods plug in through :func:`global_batch_moments` (the forward collective, with
 the prepared input pass) and :func:`sync_batch_norm` (normalization with given global moments and any
@@ -38,7 +38,7 @@ from normzoo import functional as F
 from normzoo.channel_norm import Policy, _centre, _group_scale, _with_weight
 from normzoo.nn.batch import _BatchNorm
 from normzoo.registry import register
-from normzoo.stats import Moments, accumulation_dtype, ill_conditioned
+from normzoo.stats import Moments, ill_conditioned
 
 _BATCH = Policy("batch")
 

@@ -3,9 +3,10 @@
 The tools work on ``torch.nn``'s layers, on normzoo's and on any layer that follows torch's conventions,
 so they recognise layers by what they *are* (attributes, base classes) rather than by a fixed list:
 
-- a **normalization layer** is one of torch's norm classes (``_NormBase``: BatchNorm/InstanceNorm/
-  SyncBatchNorm, ``GroupNorm``, ``LayerNorm``, ``RMSNorm``), normzoo's :class:`~normzoo.nn.NormBase`, a class
-  registered with :func:`normzoo.registry.register`, or a module of ``normzoo.nn`` with a channel count;
+- a **normalization layer** is an instance of one of torch's norm classes (``_NormBase``: BatchNorm/
+  InstanceNorm/SyncBatchNorm, ``GroupNorm``, ``LayerNorm``, ``RMSNorm``), of normzoo's
+  :class:`~normzoo.nn.NormBase`, or of a class registered with :func:`normzoo.registry.register` (or
+  returned, by its annotation, by a registered factory) -- so a layer registered by anyone is known;
 - its **channel count** is ``num_features`` or ``num_channels`` (dim 1 of ``(N, C, *S)`` input), or its
   ``normalized_shape`` for the last-dims layers (LayerNorm, RMSNorm);
 - it **keeps batch statistics** when it has ``running_mean``/``running_var`` slots (possibly ``None``)
@@ -19,9 +20,8 @@ and :func:`~normzoo.tools.convert_sync` share.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase as _TorchNormBase
 from torch.nn.modules.instancenorm import _InstanceNorm as _TorchInstanceNorm
@@ -44,19 +44,39 @@ def _normzoo_instance_norm() -> type:
     return _InstanceNorm
 
 
+_REGISTERED: Dict[int, Tuple[type, ...]] = {}
+
+
 def _registered_classes() -> Tuple[type, ...]:
+    """Classes registered with :func:`normzoo.registry.register`, and the classes registered factories declare
+    they return (``def _make_gn(...) -> GroupNorm``). Cached per registry size."""
+    import typing
+
     from normzoo import registry
 
-    registry._ensure_loaded()
-    return tuple({f for f in registry._REGISTRY.values() if isinstance(f, type)})
+    names = registry.available()
+    key = len(registry.aliases())
+    if key not in _REGISTERED:
+        found = set()
+        for name in names:
+            factory = registry.lookup(name)
+            if isinstance(factory, type):
+                found.add(factory)
+                continue
+            try:
+                ret = typing.get_type_hints(factory).get("return")
+            except Exception:  # unresolvable annotations: the factory's class stays unknown
+                ret = None
+            if isinstance(ret, type) and issubclass(ret, nn.Module):
+                found.add(ret)
+        _REGISTERED.clear()
+        _REGISTERED[key] = tuple(found)
+    return _REGISTERED[key]
 
 
 def is_norm(module: nn.Module) -> bool:
     """Whether ``module`` is a normalization layer (see the module docstring for the rule)."""
-    if isinstance(module, _TORCH_NORMS + _normzoo_bases() + _registered_classes()):
-        return True
-    mod = type(module).__module__
-    return mod.startswith("normzoo.nn") and (is_channel_first(module) or hasattr(module, "normalized_shape"))
+    return isinstance(module, _TORCH_NORMS + _normzoo_bases() + _registered_classes())
 
 
 def is_channel_first(module: nn.Module) -> bool:
@@ -160,16 +180,6 @@ def replace_modules(model: nn.Module, replacer: Replacer) -> nn.Module:
     return visit("", model)
 
 
-def iter_norms(model: nn.Module, predicate: Callable[[nn.Module], bool] = is_norm) -> Iterator[Tuple[str, nn.Module]]:
-    """``(name, module)`` of the distinct modules of ``model`` for which ``predicate`` holds."""
-    for name, m in model.named_modules():
-        if predicate(m):
-            yield name, m
-
-
-TypeSpec = Union[type, Tuple[type, ...]]
-
-
 def copy_requires_grad(new: nn.Module, old: nn.Module) -> None:
     """Give ``new``'s parameters the ``requires_grad`` of ``old``'s parameters of the same name."""
     old_params = dict(old.named_parameters(recurse=False))
@@ -199,7 +209,6 @@ __all__ = [
     "describe",
     "module_names",
     "replace_modules",
-    "iter_norms",
     "copy_requires_grad",
     "match_placement",
 ]

@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import Counter
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.fx
@@ -148,15 +148,16 @@ def fold_into(layer: nn.Module, scale: Tensor, shift: Tensor) -> nn.Module:
     """
     cls = _plain_class(layer)
     if cls not in _FOLDABLE:
-        raise TypeError(f"fold_into: expected Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear, got {type(layer).__name__}")
+        raise TypeError(f"fold_into: expected Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear, "
+                        f"got {type(layer).__name__}")
     _check_weight(layer)
-    for pname in ("weight", "bias"):
-        if parametrize.is_parametrized(layer, pname):
-            parametrize.remove_parametrizations(layer, pname, leave_parametrized=True)
     out = _out_features(layer)
     if scale.shape != (out,) or shift.shape != (out,):
         raise ValueError(f"fold_into: {type(layer).__name__} has {out} output channels, got scale of shape "
                          f"{tuple(scale.shape)} and shift of shape {tuple(shift.shape)}")
+    for pname in ("weight", "bias"):
+        if parametrize.is_parametrized(layer, pname):
+            parametrize.remove_parametrizations(layer, pname, leave_parametrized=True)
     weight = layer.weight
     s = scale.to(device=weight.device, dtype=torch.float64)
     t = shift.to(device=weight.device, dtype=torch.float64)
@@ -197,7 +198,9 @@ def _pairs_fx(model: nn.Module) -> List[Tuple[str, str]]:
         if len(node.args) != 1 or node.kwargs:
             continue
         prev = node.args[0]
-        if not isinstance(prev, torch.fx.Node) or prev.op != "call_module" or not is_foldable_layer(modules[prev.target]):
+        if not isinstance(prev, torch.fx.Node) or prev.op != "call_module":
+            continue
+        if not is_foldable_layer(modules[prev.target]):
             continue
         if len(prev.users) != 1 or calls[prev.target] != 1 or calls[node.target] != 1:
             continue  # the layer's output is used elsewhere too, or a layer is called twice
