@@ -1,6 +1,7 @@
 """What the benchmark runs: layers, the contender each is compared with, shapes, dtypes, memory formats.
 
-Each benchmarked layer is a :class:`LayerSpec`: how to build normzoo's module (``normzoo.create(name, C)``),
+Each benchmarked layer is a :class:`LayerSpec`: how to build normzoo's module (``normzoo.create(name, C)``;
+Cross-Iteration BN with ``compensate=False``, since compensation needs the preceding layer attached),
 how to build its **baseline** from it, and which input layout it takes.
 
 Baselines (the ratio in the report is baseline time / normzoo time):
@@ -189,11 +190,21 @@ def known_layers() -> List[str]:
     return sorted(_TABLE)
 
 
+# Keyword arguments for ``normzoo.create`` where the default layer cannot run on a bare input, and why.
+_CREATE_KWARGS: Dict[str, Tuple[Dict[str, object], str]] = {
+    f"cbn{suffix}": ({"compensate": False}, "naive windowed statistics (compensate=False): the paper's Taylor "
+                                            "compensation needs the preceding conv/linear layer attached")
+    for suffix in _RANK
+}
+
+
 def _normzoo_builder(name: str) -> Builder:
+    kwargs = _CREATE_KWARGS.get(name, ({}, ""))[0]
+
     def build(c: int) -> nn.Module:
         from normzoo.registry import create
 
-        return create(name, c)
+        return create(name, c, **kwargs)
 
     return build
 
@@ -250,7 +261,9 @@ def spec_for(name: str, make: Optional[Builder] = None, make_reference: Optional
     kind, rank, baseline, label, ref = _TABLE[name]
     if ref is not None and make_reference is None:
         make_reference = _normzoo_builder(ref)
-    note = "torch LayerNorm([C,H,W]) has a per-element affine; compared with GroupNorm(1, C)" if name == "ln2d" else ""
+    note = _CREATE_KWARGS.get(name, ({}, ""))[1]
+    if name == "ln2d":
+        note = "torch LayerNorm([C,H,W]) has a per-element affine; compared with GroupNorm(1, C)"
     return LayerSpec(name=name, kind=kind, rank=rank, make=make or _normzoo_builder(name), make_baseline=baseline,
                      baseline_kind="formula" if label.startswith("formula") else "torch", baseline_label=label,
                      make_reference=make_reference if ref is not None else None, note=note)

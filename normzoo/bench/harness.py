@@ -10,6 +10,7 @@ differences we want to see. The rules this module implements (see DESIGN.md, "Me
 * **Threads.** :func:`torch_threads` fixes ``torch.set_num_threads`` for the run and restores it after.
 * **Interleaved rounds.** :func:`interleaved` runs the contenders A, B, C, A, B, C, ... (rotating which
   goes first), so slow drifts in the machine's load hit every contender alike; the statistic is the median.
+  Cheap contenders are called a few times in a row per round (more samples for the same time).
 * **Load.** :class:`CpuMeter` measures how much CPU *other* processes used while we ran (from
   ``/proc/stat`` minus our own CPU time), next to ``os.getloadavg()``.
 """
@@ -110,40 +111,59 @@ Contender = Callable[[], object]
 
 
 def interleaved(contenders: Mapping[str, Contender], rounds: int, warmup: int = 1,
-                budget_s: Optional[float] = None, min_rounds: int = 1) -> Dict[str, List[float]]:
-    """Time each contender once per round, in interleaved rounds; return every time in seconds.
+                budget_s: Optional[float] = None, min_rounds: int = 1,
+                max_repeats: int = 8) -> Dict[str, List[float]]:
+    """Time the contenders in interleaved rounds; return every timed call, in seconds.
 
     Round ``r`` runs the contenders in their given order rotated by ``r`` (A,B,C then B,C,A ...), each
     call timed alone with ``time.perf_counter``. ``warmup`` untimed rounds come first (page faults,
-    lazy initialisation, caches). With ``budget_s``, the number of timed rounds is chosen from the last
-    warm-up round's duration: as many as fit in ``budget_s``, clamped to ``[min_rounds, rounds]``
-    (``warmup`` must then be at least 1). Returns ``{name: [t_round0, t_round1, ...]}``.
+    lazy initialisation, caches) and measure each contender once more; from those times a cheap
+    contender is called up to ``max_repeats`` times in a row per round (:func:`plan_repeats`), so that a
+    1 ms copy gets as many samples as fit beside a 100 ms layer and one scheduler stall cannot decide its
+    median. With ``budget_s``, the number of rounds is as many as fit in ``budget_s``, clamped to
+    ``[min_rounds, rounds]`` (``warmup`` must then be at least 1).
+    Returns ``{name: [t_call0, t_call1, ...]}`` (``rounds x repeats`` samples per name).
     """
     names = list(contenders)
     if not names:
         raise ValueError("normzoo bench: interleaved() needs at least one contender")
-    if rounds < 1 or min_rounds < 1 or warmup < 0:
-        raise ValueError(f"normzoo bench: need rounds >= 1, min_rounds >= 1, warmup >= 0; "
-                         f"got rounds={rounds}, min_rounds={min_rounds}, warmup={warmup}")
+    if rounds < 1 or min_rounds < 1 or warmup < 0 or max_repeats < 1:
+        raise ValueError(f"normzoo bench: need rounds >= 1, min_rounds >= 1, warmup >= 0, max_repeats >= 1; "
+                         f"got rounds={rounds}, min_rounds={min_rounds}, warmup={warmup}, max_repeats={max_repeats}")
     if budget_s is not None and warmup < 1:
         raise ValueError("normzoo bench: a time budget needs at least one warm-up round to size the rounds")
     with gc_paused():
-        round_s = 0.0
+        warm: Dict[str, float] = {}
         for _ in range(warmup):
-            start = time.perf_counter()
             for name in names:
+                start = time.perf_counter()
                 contenders[name]()
-            round_s = time.perf_counter() - start
+                warm[name] = time.perf_counter() - start
+        repeats = plan_repeats(warm, max_repeats) if warm else {name: 1 for name in names}
+        round_s = sum(warm.get(name, 0.0) * repeats[name] for name in names)
         n = rounds if budget_s is None else plan_rounds(round_s, budget_s, min_rounds, rounds)
         times: Dict[str, List[float]] = {name: [] for name in names}
         for r in range(n):
             k = r % len(names)
             for name in names[k:] + names[:k]:
-                fn = contenders[name]
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+                fn, out = contenders[name], times[name]
+                for _ in range(repeats[name]):
+                    start = time.perf_counter()
+                    fn()
+                    out.append(time.perf_counter() - start)
     return times
+
+
+def plan_repeats(warm_s: Mapping[str, float], max_repeats: int = 8, extra: float = 0.5) -> Dict[str, int]:
+    """Calls per round for each contender, from one warm call each: ``floor(extra * R / (n * t_i))``
+    clamped to ``[1, max_repeats]``, with ``R`` the sum of the warm times and ``n`` the number of
+    contenders, so the repeats add at most ``extra`` (50%) to a round."""
+    total, n = sum(warm_s.values()), len(warm_s)
+    out = {}
+    for name, t in warm_s.items():
+        reps = int(extra * total / (n * t)) if t > 0 else max_repeats
+        out[name] = max(1, min(max_repeats, reps))
+    return out
 
 
 def plan_rounds(round_s: float, budget_s: float, min_rounds: int, max_rounds: int) -> int:
@@ -272,5 +292,5 @@ def machine_info() -> Dict[str, object]:
     }
 
 
-__all__ = ["ALLOCATOR_MODES", "configure_allocator", "torch_threads", "gc_paused", "interleaved", "plan_rounds",
+__all__ = ["ALLOCATOR_MODES", "configure_allocator", "torch_threads", "gc_paused", "interleaved", "plan_repeats", "plan_rounds",
            "median", "copy_contender", "CpuMeter", "load_average", "last_level_cache_bytes", "machine_info"]

@@ -145,7 +145,7 @@ def _contenders(members: Sequence[_Member]) -> Dict[str, Callable[[], object]]:
     return out
 
 
-def _fill(members: Sequence[_Member], times: Dict[str, List[float]], others: Optional[float]) -> None:
+def _fill(members: Sequence[_Member], times: Dict[str, List[float]], rounds: int, others: Optional[float]) -> None:
     med = {k: harness.median(v) for k, v in times.items() if v}
     fp32 = med.get("float32/normzoo/fb")
     for m in members:
@@ -160,7 +160,7 @@ def _fill(members: Sequence[_Member], times: Dict[str, List[float]], others: Opt
         row.copy_s = med[f"{dt}/copy"]
         row.reference_fb_s = med.get(f"{dt}/reference/fb")
         row.fp32_fb_s = fp32 if dt != "float32" else None
-        row.rounds = len(times[f"{dt}/normzoo/fb"])
+        row.rounds = rounds
         row.others_cores = others
 
 
@@ -234,9 +234,10 @@ def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequen
                 t_timed = time.perf_counter()
                 times = harness.interleaved(contenders, rounds, warmup, budget_s=share, min_rounds=min_rounds)
                 timed = time.perf_counter() - t_timed
+                n_rounds = min(len(v) for v in times.values())  # the most expensive contender runs once a round
                 if budget_left is not None:
                     budget_left -= timed
-                _fill(members, times, meter.stop().others_cores)
+                _fill(members, times, n_rounds, meter.stop().others_cores)
             rows_by_group[i] = [m.row for m in members]
             del members, contenders
             if progress is not None:
