@@ -185,3 +185,16 @@ def test_checkpoints_and_conventions():
         m.train()(torch.randn(1, 4, 1, 1))
     with pytest.raises(ValueError, match="rho"):
         batch_instance_norm(x, torch.ones(3))
+
+
+def test_constant_channel_is_beta():
+    x = torch.randn(4, 3, 5, 5)
+    x[:, 1] = 7.0
+    m = znn.BatchInstanceNorm2d(3)
+    with torch.no_grad():
+        m.rho.fill_(0.6), m.bias.fill_(0.25)
+    x.requires_grad_()
+    y = m(x)
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(y[:, 1].detach(), torch.full((4, 5, 5), 0.25))

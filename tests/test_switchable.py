@@ -137,3 +137,13 @@ def test_conventions_and_errors():
     nt = znn.SwitchNorm1d(3, track_running_stats=False).eval()  # no running stats: batch statistics in eval
     x = torch.randn(6, 3)
     torch.testing.assert_close(nt(x), nt.train()(x))
+
+
+def test_constant_channel_stays_finite():
+    x = torch.randn(4, 3, 5, 5)
+    x[:, 1] = 7.0
+    m = znn.SwitchNorm2d(3)
+    x.requires_grad_()
+    y = m(x)
+    y.square().sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()

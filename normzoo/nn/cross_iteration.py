@@ -19,7 +19,9 @@ How normzoo computes it (same result, better numerics and cost):
   formula (:mod:`normzoo.stats`), which equals the paper's average for equal batch sizes and weights
   iterations by their element count otherwise. With ``P = d mu_j / d W_j`` and ``G = d var_j / d W_j``
   the compensated variance is ``var + G . dW - (P . dW)^2``, algebraically the paper's
-  ``nu + (d nu/dW) . dW - mu(theta_t)^2`` without the cancellation of ``E[y^2] - E[y]^2``.
+  ``nu + (d nu/dW) . dW - mu(theta_t)^2`` without the cancellation of ``E[y^2] - E[y]^2``. (Its error is
+  ``dW' E[x~ x~'] dW``, second order in the weight change; a first-order Taylor term on the variance itself
+  would err by ``dW' Cov(x~) dW`` only. normzoo follows the paper.)
 - **Analytic derivatives** (:func:`batch_moment_grads`): for ``y = W x + b`` (Linear, or a convolution
   with ``x`` read as patches ``x~``), ``d mu_j / d W_j = mean(x~)`` -- the same for every output channel of
   a group, stored compactly -- and ``d var_j / d W_j = (2/m) sum (y_j - mu_j) x~``, one weight-gradient-
@@ -125,19 +127,29 @@ def batch_moment_grads(layer: _Layer, input: Tensor, output: Tensor, mean: Optio
     m = y.numel() // y.shape[1]
     if mean is None:
         mean = y.mean(dims, dtype=acc)
-    centred = (y - mean.to(y.dtype).view((1, -1) + (1,) * (y.dim() - 2))) * (2.0 / m)
+    mean_b = mean.to(y.dtype).view((1, -1) + (1,) * (y.dim() - 2))
     if isinstance(layer, nn.Linear):
         if x.dim() != 2:
             raise ValueError(f"batch_moment_grads: a Linear layer's input must be (N, F), got {tuple(x.shape)}")
-        return x.mean(0, keepdim=True, dtype=acc), centred.to(acc).t() @ x.to(acc)
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and not isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        centred = (y - mean_b).to(acc).mul_(2.0 / m)
+        return x.mean(0, keepdim=True, dtype=acc), centred.t() @ x.to(acc)
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         grad_weight = torch.nn.grad.conv1d_weight if isinstance(layer, nn.Conv1d) else torch.nn.grad.conv2d_weight
         xp, padding = _conv_input(layer, x)
         groups, c_out = layer.groups, layer.out_channels
         kw = dict(stride=layer.stride, padding=padding, dilation=layer.dilation, groups=groups)
-        ones = torch.ones((1, groups) + tuple(y.shape[2:]), dtype=xp.dtype, device=xp.device)
+        spatial = tuple(y.shape[2:])
+        if groups == 1:  # one weight-gradient pass for both: an extra output channel of constant 1/m gives P
+            go = torch.empty((y.shape[0], c_out + 1) + spatial, dtype=xp.dtype, device=xp.device)
+            torch.add(mean_b * (-2.0 / m), y, alpha=2.0 / m, out=go[:, :c_out])  # (2/m)(y - mu), one pass
+            go[:, c_out].fill_(1.0 / m)
+            both = grad_weight(xp, (c_out + 1,) + tuple(layer.weight.shape[1:]), go, **kw).reshape(c_out + 1, -1)
+            both = both.to(acc)
+            return both[c_out:], both[:c_out]
+        centred = (y - mean_b).mul_(2.0 / m)
+        ones = torch.full((1, groups) + spatial, 1.0 / m, dtype=xp.dtype, device=xp.device)
         shape_p = (groups, layer.in_channels // groups) + tuple(layer.kernel_size)
-        dmean = grad_weight(xp.sum(0, keepdim=True), shape_p, ones, **kw).reshape(groups, -1).to(acc) / m
+        dmean = grad_weight(xp.sum(0, keepdim=True), shape_p, ones, **kw).reshape(groups, -1).to(acc)
         dvar = grad_weight(xp, tuple(layer.weight.shape), centred.to(xp.dtype), **kw).reshape(c_out, -1).to(acc)
         return dmean, dvar
     raise TypeError(f"batch_moment_grads: expected nn.Linear, nn.Conv1d or nn.Conv2d, got {type(layer).__name__}")
