@@ -198,3 +198,11 @@ def test_constant_channel_is_beta():
     y.square().sum().backward()
     assert torch.isfinite(x.grad).all()
     torch.testing.assert_close(y[:, 1].detach(), torch.full((4, 5, 5), 0.25))
+
+
+def test_saved_for_backward_is_the_input_plus_small_statistics():
+    from test_core_memory import saved_bytes
+
+    x = torch.randn(8, 16, 12, 12, requires_grad=True)
+    m = znn.BatchInstanceNorm2d(16)
+    assert saved_bytes(m, x) <= x.numel() * x.element_size() + 4 * 8 * 16 * 8  # x, then O(N C) float64

@@ -246,3 +246,17 @@ def test_errors_and_repr():
         znn.CrossIterationBatchNorm2d(4, window=0)
     cbn.attach(None)
     assert cbn.layer is None and not conv._forward_hooks
+
+
+def test_saved_for_backward_is_the_input_plus_small_statistics():
+    from test_core_memory import saved_bytes
+
+    conv = nn.Conv2d(4, 16, 1)
+    m = znn.CrossIterationBatchNorm2d(16, window=3).attach(conv)
+    x = torch.randn(8, 4, 12, 12, requires_grad=True)
+    for _ in range(3):  # fill the window: the stored iterations add no saved tensor
+        m(conv(x))
+    assert float(m.window_count.min()) > 0
+    h_bytes = 8 * 16 * 12 * 12 * 4
+    # the conv saves its input x, the CBN layer its input h, plus O(N C) statistics
+    assert saved_bytes(nn.Sequential(conv, m), x) <= x.numel() * 4 + h_bytes + 8 * 16 * 8

@@ -217,3 +217,11 @@ def test_module_conventions_and_errors():
     ours = znn.BatchRenorm1d(3, affine=False, r_max=1.0, d_max=0.0)
     x = torch.randn(7, 3)
     torch.testing.assert_close(ours(x), bn(x), **TOL)
+
+
+def test_saved_for_backward_is_the_input_plus_small_statistics():
+    from test_core_memory import saved_bytes
+
+    x = torch.randn(8, 16, 12, 12, requires_grad=True)
+    m = znn.BatchRenorm2d(16)
+    assert saved_bytes(m, x) <= x.numel() * x.element_size() + 1 * 8 * 16 * 8  # x, then O(N C) float64

@@ -147,3 +147,11 @@ def test_constant_channel_stays_finite():
     y = m(x)
     y.square().sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+
+
+def test_saved_for_backward_is_the_input_plus_small_statistics():
+    from test_core_memory import saved_bytes
+
+    x = torch.randn(8, 16, 12, 12, requires_grad=True)
+    m = znn.SwitchNorm2d(16)
+    assert saved_bytes(m, x) <= x.numel() * x.element_size() + 6 * 8 * 16 * 8  # x, then O(N C) float64
