@@ -214,6 +214,10 @@ _ELSEWHERE = {
     "tlu": "normzoo.nn.response",
     "evonorm_b0": "normzoo.nn.evonorm",
     "evonorm_s0": "normzoo.nn.evonorm",
+    "batch_renorm": "normzoo.nn.renorm",
+    "batch_instance_norm": "normzoo.nn.batch_instance",
+    "switchable_norm": "normzoo.nn.switchable",
+    "sync_batch_norm": "normzoo.nn.sync",
 }
 
 
