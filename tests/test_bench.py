@@ -237,6 +237,24 @@ def test_interleaved_rotates_and_counts_rounds():
         harness.interleaved(fns, rounds=2, warmup=0, budget_s=1.0)
 
 
+def test_omp_wait_policy_is_only_set_before_torch_loads(monkeypatch):
+    import subprocess
+    import sys
+
+    from normzoo.bench import environment
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    info = environment.set_omp_wait_policy("passive")  # torch is loaded in this process: nothing changes
+    assert "already imported" in info["detail"] and info["OMP_WAIT_POLICY"] is None
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert environment.set_omp_wait_policy(None)["requested"] == "inherit"  # a user's setting is kept
+    with pytest.raises(ValueError, match="omp wait"):
+        environment.set_omp_wait_policy("spin")
+    # the command line reaches the policy before torch: importing it must not load torch
+    code = "import sys, normzoo.bench.cli, normzoo.bench; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
 def test_copy_contender_copies():
     x = torch.randn(3, 4)
     fn, moved = harness.copy_contender(x)

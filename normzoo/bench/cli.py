@@ -13,10 +13,20 @@ import argparse
 import sys
 from typing import List, Optional, Sequence
 
-from normzoo.bench import cases
+from normzoo.bench.environment import OMP_WAIT_CHOICES, set_omp_wait_policy
+
+
+def _omp_wait_from(argv: Sequence[str]) -> Optional[str]:
+    """Read ``--omp-wait`` before anything imports torch (the full parser needs torch for its help text)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--omp-wait", choices=OMP_WAIT_CHOICES)
+    known, _ = pre.parse_known_args(list(argv))
+    return known.omp_wait
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from normzoo.bench import cases
+
     p = argparse.ArgumentParser(
         prog="normzoo bench",
         description="Time normzoo's normalization layers against torch.nn (or a straightforward implementation of "
@@ -42,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of timed rounds shared over all cases; 0 = always --rounds (default: 20)")
     p.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
                    help="tuned: keep freed memory and avoid fresh mmap pages (glibc mallopt); default: leave it")
+    p.add_argument("--omp-wait", choices=OMP_WAIT_CHOICES,
+                   help="OpenMP wait policy, set before torch loads: passive (default unless OMP_WAIT_POLICY is "
+                        "set; robust when other processes share the cores), active (spin), inherit (leave the "
+                        "environment alone)")
     p.add_argument("--quick", action="store_true", help="smoke run: float32 only, <= 3 rounds, 10 s budget")
     p.add_argument("--out", default="bench-results", metavar="DIR",
                    help="directory for results.json, results.txt, results.png (default: bench-results)")
@@ -51,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        set_omp_wait_policy(_omp_wait_from(argv))
+    except SystemExit as exc:  # a bad --omp-wait value: argparse has printed why
+        return int(exc.code or 2)
+    args = build_parser().parse_args(argv)
+    from normzoo.bench import cases
     from normzoo.bench.runner import run
 
     try:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from normzoo.bench import cases, harness
+from normzoo.bench import cases, environment, harness
 from normzoo.bench.cases import LayerSpec, Shape
 from normzoo.bench.memory import saved_for_backward
 from normzoo.bench.results import Row, Timing
@@ -251,6 +251,7 @@ def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequen
         "wall_s": round(time.perf_counter() - wall0, 2),
         "threads": n_threads,
         "allocator": alloc,
+        "omp_wait": environment.omp_wait_info(),
         "machine": harness.machine_info(),
         "loadavg_before": load_before,
         "loadavg_after": whole.loadavg,
