@@ -65,7 +65,7 @@ def _row_cells(row: Row) -> List[str]:
         _num(row.gbps_fb, ".1f"),
         _num(row.copy_gbps, ".1f"),
         _cell(row.copy_fraction_fb, ".0%", by_key.get("copy")),
-        _cell(saved, ".2f", by_key.get("saved")),
+        _cell(saved, ".3f", by_key.get("saved")),
         _cell(row.vs_bn, ".2f", by_key.get("vs_bn")),
         _cell(row.bf16_vs_fp32, ".2f", by_key.get("bf16")),
         _num(row.others_cores, ".1f"),

@@ -24,8 +24,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from normzoo.bench.memory import SavedBytes
 
-# 8 float32 values per statistics unit: mean, rstd, their gradients' partial sums and slack.
-STAT_BYTES_PER_UNIT = 32
+# 8 float64 (16 float32) values per statistics unit: the means, scales, mixing terms and partial sums a
+# method may keep per (n, c). A second full-size tensor costs prod(S) values per (n, c), so any spatial size
+# above 16 still tells "statistics" from "another tensor".
+STAT_BYTES_PER_UNIT = 64
 
 
 def stats_units(kind: str, shape: Sequence[int]) -> int:

@@ -50,7 +50,7 @@ class Check:
         return self.value >= self.threshold if self.at_least else self.value <= self.threshold
 
     def describe(self) -> str:
-        return f"{self.key} {'>=' if self.at_least else '<='} {self.threshold:.3g}"
+        return f"{self.key} {'>=' if self.at_least else '<='} {self.threshold:.4g}"
 
     def to_dict(self) -> Dict[str, object]:
         return {"key": self.key, "value": self.value, "threshold": self.threshold,
