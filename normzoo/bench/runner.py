@@ -181,8 +181,8 @@ def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequen
     keeps the current count). ``rounds``/``min_rounds``: bounds on timed rounds per group, ``warmup``
     untimed rounds first, ``budget_s`` seconds of timed rounds shared over all groups (``None``: always
     ``rounds``). ``allocator``: ``"tuned"`` or ``"default"`` (see
-    :func:`normzoo.bench.harness.configure_allocator`). ``quick``: float32 only and at most 3 rounds, one
-    warm-up and a 10 s budget, unless given explicitly. ``progress``: called with one line per group.
+    :func:`normzoo.bench.harness.configure_allocator`). ``quick``: float32 unless ``dtypes`` are given, at most
+    3 rounds (at least 2), one warm-up and at most a 10 s budget. ``progress``: called with one line per group.
     """
     if quick:
         dtypes = dtypes or ("float32",)
