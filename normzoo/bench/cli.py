@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=15, help="at most this many timed rounds per case (default: 15)")
     p.add_argument("--min-rounds", type=int, default=3, help="at least this many timed rounds (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first calls (default: 1)")
-    p.add_argument("--budget", type=float, default=15.0,
-                   help="seconds of timed rounds shared over all cases; 0 = always --rounds (default: 15)")
+    p.add_argument("--budget", type=float, default=10.0,
+                   help="seconds of timed rounds shared over all cases; 0 = always --rounds (default: 10)")
     p.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
                    help="tuned: keep freed memory and avoid fresh mmap pages (glibc mallopt); default: leave it")
     p.add_argument("--omp-wait", choices=OMP_WAIT_CHOICES,
