@@ -38,7 +38,7 @@ def train_one(norm: str, seed: int, steps: int) -> Dict[str, Any]:
 
 
 def run(ctx: Context) -> Dict[str, Any]:
-    steps = ctx.steps(600, 3000, minimum=10)
+    steps = ctx.steps(400, 3000, minimum=10)
     seeds = [ctx.seed + i for i in range(ctx.pick(1, 3))]
     jobs = [dict(norm=k, seed=s, steps=steps) for k in ("bn", "bin", "in") for s in seeds]
     rs = ctx.map(train_one, jobs)

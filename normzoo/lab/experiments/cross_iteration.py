@@ -1,7 +1,7 @@
 """Cross-Iteration BatchNorm (Yao et al. 2021) at batches of 2 and 4.
 
-The conv net of the batch-size experiment on MNIST-1D (same epochs, Adam, learning rate scaled by
-``sqrt(B / 32)``) with BN, with naive windowed statistics (``cbn1d``, ``compensate=False``) and with
+The conv net of the batch-size experiment on MNIST-1D (same protocol: equal steps, Adam, learning rate
+scaled by ``sqrt(B / 32)``) with BN, with naive windowed statistics (``cbn1d``, ``compensate=False``) and with
 compensated Cross-Iteration BN (``cbn1d`` attached to its preceding convolution), window 4, a short burn-in.
 
 Compensation error: in the compensated run, every few steps, the statistics the first CBN layer used for
@@ -23,7 +23,7 @@ from .. import data as lab_data
 from ..models import ConvNet1d
 from ..runner import Context, Experiment
 from ..train import fit, seeded
-from .batch_size import BASE_LR
+from .batch_size import lr_for
 
 WINDOW = 4
 VARIANTS = ("bn", "cbn_naive", "cbn")
@@ -46,9 +46,8 @@ def _errors(lw: Any, past: List[torch.Tensor], conv: torch.nn.Conv1d) -> Dict[st
     return {k: statistics.fmean(v) for k, v in errs.items() if v}
 
 
-def train_one(variant: str, batch_size: int, seed: int, n_train: int, epochs: int) -> Dict[str, Any]:
-    d = lab_data.mnist1d().subset(n_train)
-    steps = epochs * n_train // batch_size
+def train_one(variant: str, batch_size: int, seed: int, steps: int) -> Dict[str, Any]:
+    d = lab_data.mnist1d()
     seeded(seed)
     if variant == "bn":
         net = ConvNet1d("bn")
@@ -71,17 +70,15 @@ def train_one(variant: str, batch_size: int, seed: int, n_train: int, epochs: in
         past.appendleft(xb)
         return F.cross_entropy(out, yb)
 
-    h = fit(net, d, steps=steps, batch_size=batch_size, lr=BASE_LR * (batch_size / 32) ** 0.5, optimizer="adam",
-            seed=seed, loss_fn=loss_fn)
+    h = fit(net, d, steps=steps, batch_size=batch_size, lr=lr_for(batch_size), optimizer="adam", seed=seed,
+            loss_fn=loss_fn)
     return {"test_acc": h.final["test_acc"], "diverged": h.diverged, "errors": errors}
 
 
 def run(ctx: Context) -> Dict[str, Any]:
     sizes = [2, 4]
-    n_train = max(200, int(ctx.pick(600, 2000) * min(1.0, ctx.scale * 4)))
-    epochs = max(1, int(round(ctx.pick(3, 4) * ctx.scale)))
-    jobs = [dict(variant=v, batch_size=b, seed=ctx.seed, n_train=n_train, epochs=epochs) for v in VARIANTS
-            for b in sizes]
+    steps = ctx.steps(400, 2000, minimum=12)
+    jobs = [dict(variant=v, batch_size=b, seed=ctx.seed, steps=steps) for v in VARIANTS for b in sizes]
     rs = ctx.map(train_one, jobs)
     acc = {v: [r["test_acc"] for j, r in zip(jobs, rs) if j["variant"] == v] for v in VARIANTS}
     errs = {str(j["batch_size"]): r["errors"] for j, r in zip(jobs, rs) if j["variant"] == "cbn"}
@@ -94,7 +91,7 @@ def run(ctx: Context) -> Dict[str, Any]:
                                                                                          round(m["raw_mean"], 4)]
         summary[f"batch {b}: median error of past variances, compensated / as recorded"] = [round(m["var"], 4),
                                                                                              round(m["raw_var"], 4)]
-    return {"batch_sizes": sizes, "n_train": n_train, "epochs": epochs, "window": WINDOW, "acc": acc,
+    return {"batch_sizes": sizes, "steps": steps, "window": WINDOW, "acc": acc,
             "errors": errs, "median_errors": med, "summary": summary}
 
 
@@ -125,7 +122,7 @@ def plot(n: Dict[str, Any], fig: Any) -> None:
             ax.annotate(f"{a:.3f}", (rect.get_x() + rect.get_width() / 2, rect.get_height()), ha="center",
                         va="bottom", fontsize=7)
     ax.set_xticks(range(len(n["batch_sizes"])), [f"batch {b}" for b in n["batch_sizes"]])
-    ax.set(ylabel="test accuracy", title=f"window {n['window']}, {n['epochs']} epochs of {n['n_train']}")
+    ax.set(ylabel="test accuracy", title=f"window {n['window']}, {n['steps']} steps")
     ax.legend(fontsize=8)
     ax = fig.add_subplot(1, 2, 2)
     for b, es in n["errors"].items():

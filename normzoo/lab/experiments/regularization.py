@@ -54,8 +54,8 @@ def _mean_se(xs: List[float]) -> Tuple[float, float]:
 
 
 def run(ctx: Context) -> Dict[str, Any]:
-    steps = ctx.steps(600, 1500)
-    seeds = [ctx.seed + i for i in range(ctx.pick(4, 10))]
+    steps = ctx.steps(400, 1500)
+    seeds = [ctx.seed + i for i in range(ctx.pick(3, 10))]
     jobs = [dict(variant=v, seed=s, steps=steps) for v in VARIANTS for s in seeds]
     finals = ctx.map(train_one, jobs)
     per: Dict[str, Dict[str, List[float]]] = {}

@@ -58,7 +58,7 @@ def _drift(steps: List[int], pct: List[List[List[float]]]) -> Optional[float]:
 
 
 def run(ctx: Context) -> Dict[str, Any]:
-    steps = ctx.steps(2000, 8000)
+    steps = ctx.steps(1500, 8000)
     seeds = [ctx.seed + i for i in range(ctx.pick(1, 3))]
     jobs = [dict(norm=n, seed=s, steps=steps) for n in ("none", "bn") for s in seeds]
     runs = ctx.map(train_one, jobs)

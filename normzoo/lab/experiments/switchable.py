@@ -1,7 +1,7 @@
 """Switchable Normalization (Luo et al. 2018): does the learned weight of the BN statistics fall as the batch shrinks?
 
 The conv net of the batch-size experiment on MNIST-1D with Switchable Norm (``switch1d``) in every stage,
-trained for the same epochs at several batch sizes. After training, each layer's mixing weights --
+trained at several batch sizes (same protocol: equal steps). After training, each layer's mixing weights --
 ``softmax`` of its mean and variance logits, read from the module's ``mean_weight``/``var_weight`` (order IN,
 LN, BN) -- give the importance of the BN statistics; the summary averages mean and variance weights over
 the layers.
@@ -12,11 +12,9 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from .. import data as lab_data
-from ..models import ConvNet1d, norm_layers
+from ..models import norm_layers
 from ..runner import Context, Experiment
-from ..train import fit, seeded
-from .batch_size import BASE_LR
+from .batch_size import train_conv
 
 ORDER = ("in", "ln", "bn")
 
@@ -29,28 +27,22 @@ def _order(module: torch.nn.Module) -> Tuple[str, ...]:
         return ORDER
 
 
-def train_one(batch_size: int, seed: int, n_train: int, epochs: int) -> Dict[str, Any]:
-    d = lab_data.mnist1d().subset(n_train)
-    seeded(seed)
-    net = ConvNet1d("sn")
-    steps = epochs * n_train // batch_size
-    h = fit(net, d, steps=steps, batch_size=batch_size, lr=BASE_LR * (batch_size / 32) ** 0.5, optimizer="adam",
-            seed=seed)
-    layers = norm_layers(net)
+def train_one(batch_size: int, seed: int, steps: int) -> Dict[str, Any]:
+    r = train_conv("sn", batch_size, seed, steps)
+    layers = norm_layers(r["model"])
     order = _order(layers[0])
-    weights = {"mean": [], "var": []}
+    weights: Dict[str, List[Dict[str, float]]] = {"mean": [], "var": []}
     for m in layers:
         for kind in weights:
             w = getattr(m, f"{kind}_weight").detach()
             weights[kind].append({name: float(w[i]) for i, name in enumerate(order)})
-    return {"weights": weights, "test_acc": h.final["test_acc"]}
+    return {"weights": weights, "test_acc": r["test_acc"]}
 
 
 def run(ctx: Context) -> Dict[str, Any]:
     sizes = ctx.pick([2, 8, 32], [2, 4, 8, 16, 32])
-    n_train = max(200, int(ctx.pick(1000, 2000) * min(1.0, ctx.scale * 4)))
-    epochs = max(1, int(round(ctx.pick(3, 5) * ctx.scale)))
-    rs = ctx.map(train_one, [dict(batch_size=b, seed=ctx.seed, n_train=n_train, epochs=epochs) for b in sizes])
+    steps = ctx.steps(400, 1500, minimum=10)
+    rs = ctx.map(train_one, [dict(batch_size=b, seed=ctx.seed, steps=steps) for b in sizes])
     importance: List[float] = []
     per_layer: Dict[str, Any] = {}
     for b, r in zip(sizes, rs):
@@ -59,7 +51,7 @@ def run(ctx: Context) -> Dict[str, Any]:
         per_layer[str(b)] = r["weights"]
     summary = {f"BN importance (mean of mean/var weights over layers) at batch {sizes}": [round(x, 4) for x in importance],
                f"test acc at batch {sizes}": [round(r["test_acc"], 4) for r in rs]}
-    return {"batch_sizes": sizes, "n_train": n_train, "epochs": epochs, "bn_importance": importance,
+    return {"batch_sizes": sizes, "steps": steps, "bn_importance": importance,
             "weights": per_layer, "test_acc": [r["test_acc"] for r in rs], "summary": summary}
 
 
@@ -80,7 +72,7 @@ def plot(n: Dict[str, Any], fig: Any) -> None:
             for layer in range(layers):
                 ys = [n["weights"][str(b)][kind][layer][stat] for b in sizes]
                 ax.plot(sizes, ys, "o-", color=colour, alpha=1 - 0.25 * layer,
-                        label=f"{stat.upper()} (layers 1-{layers}, darker = earlier)" if layer == 0 else None)
+                        label=f"{stat.upper()} (layers 1-{layers}, fainter = deeper)" if layer == 0 else None)
         ax.axhline(1 / 3, color="grey", ls=":", lw=1)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(b) for b in sizes])

@@ -49,8 +49,8 @@ def train_one(variant: str, seed: int, steps: int) -> Dict[str, Any]:
 
 
 def run(ctx: Context) -> Dict[str, Any]:
-    steps = ctx.steps(800, 4000)
-    seeds = [ctx.seed + i for i in range(ctx.pick(2, 4))]
+    steps = ctx.steps(500, 4000)
+    seeds = [ctx.seed + i for i in range(ctx.pick(1, 3))]
     jobs = [dict(variant=v, seed=s, steps=steps) for v in VARIANTS for s in seeds]
     rs = ctx.map(train_one, jobs)
     runs = {v: [r for j, r in zip(jobs, rs) if j["variant"] == v] for v in VARIANTS}
