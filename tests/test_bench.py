@@ -233,8 +233,13 @@ def test_interleaved_rotates_and_counts_rounds():
     assert harness.plan_rounds(0.5, 2.0, 3, 10) == 4
     assert harness.plan_rounds(0.5, 0.1, 3, 10) == 3
     assert harness.plan_rounds(0.01, 100.0, 3, 10) == 10
-    with pytest.raises(ValueError, match="warm-up"):
-        harness.interleaved(fns, rounds=2, warmup=0, budget_s=1.0)
+    # no warm-up: the first timed round sizes the rest (here: the budget allows min_rounds only)
+    calls.clear()
+    times = harness.interleaved(fns, rounds=5, warmup=0, budget_s=0.0, min_rounds=2, max_repeats=1)
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2, "c": 2}
+    assert calls == list("abc") + list("bca")
+    with pytest.raises(ValueError, match="rounds"):
+        harness.interleaved(fns, rounds=0)
 
 
 def test_omp_wait_policy_is_only_set_before_torch_loads(monkeypatch):
@@ -366,6 +371,7 @@ def test_run_structure_with_torch_contenders(tmp_path):
     res = run(specs=_torch_specs(), shapes=[TINY, (2, 5, 8)], dtypes=["float32", "bfloat16"],
               memory_formats=["contiguous", "channels_last"], threads=1, rounds=2, min_rounds=1, warmup=1,
               budget_s=None, allocator="default", progress=lines.append)
+    assert res.meta["settings"]["warmup"] == 1
     # bn2d, gn, brn2d: 1 shape x 2 formats x 2 dtypes; ln: 1 shape x contiguous x 2 dtypes
     assert len(res.rows) == 3 * 4 + 2 and len(lines) == 3 * 2 + 1
     assert all(r.error is None for r in res.rows), [r.error for r in res.rows]

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch threads during the run (default: 2)")
     p.add_argument("--rounds", type=int, default=15, help="at most this many timed rounds per case (default: 15)")
     p.add_argument("--min-rounds", type=int, default=3, help="at least this many timed rounds (default: 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first calls (default: 1)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="untimed rounds after every contender's first call (default: 0)")
     p.add_argument("--budget", type=float, default=10.0,
                    help="seconds of timed rounds shared over all cases; 0 = always --rounds (default: 10)")
     p.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OpenMP wait policy, set before torch loads: passive (default unless OMP_WAIT_POLICY is "
                         "set; robust when other processes share the cores), active (spin), inherit (leave the "
                         "environment alone)")
-    p.add_argument("--quick", action="store_true", help="smoke run: float32 only, <= 3 rounds, 10 s budget")
+    p.add_argument("--quick", action="store_true", help="smoke run: float32 only, <= 3 rounds, 5 s budget")
     p.add_argument("--out", default="bench-results", metavar="DIR",
                    help="directory for results.json, results.txt, results.png (default: bench-results)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")

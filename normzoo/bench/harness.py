@@ -117,12 +117,12 @@ def interleaved(contenders: Mapping[str, Contender], rounds: int, warmup: int = 
 
     Round ``r`` runs the contenders in their given order rotated by ``r`` (A,B,C then B,C,A ...), each
     call timed alone with ``time.perf_counter``. ``warmup`` untimed rounds come first (page faults,
-    lazy initialisation, caches) and measure each contender once more; from those times a cheap
-    contender is called up to ``max_repeats`` times in a row per round (:func:`plan_repeats`), so that a
-    1 ms copy gets as many samples as fit beside a 100 ms layer and one scheduler stall cannot decide its
-    median. With ``budget_s``, the number of rounds is as many as fit in ``budget_s``, clamped to
-    ``[min_rounds, rounds]`` (``warmup`` must then be at least 1).
-    Returns ``{name: [t_call0, t_call1, ...]}`` (``rounds x repeats`` samples per name).
+    lazy initialisation, caches). From one call of each contender (the last warm-up round, or the first
+    timed round when ``warmup=0``) a cheap contender is then called up to ``max_repeats`` times in a row per
+    round (:func:`plan_repeats`), so that a 1 ms copy gets as many samples as fit beside a 100 ms layer and
+    one scheduler stall cannot decide its median; and with ``budget_s`` the number of rounds is as many as
+    fit in ``budget_s``, clamped to ``[min_rounds, rounds]`` (otherwise ``rounds``).
+    Returns ``{name: [t_call0, t_call1, ...]}`` (at least one sample per round per name).
     """
     names = list(contenders)
     if not names:
@@ -130,27 +130,40 @@ def interleaved(contenders: Mapping[str, Contender], rounds: int, warmup: int = 
     if rounds < 1 or min_rounds < 1 or warmup < 0 or max_repeats < 1:
         raise ValueError(f"normzoo bench: need rounds >= 1, min_rounds >= 1, warmup >= 0, max_repeats >= 1; "
                          f"got rounds={rounds}, min_rounds={min_rounds}, warmup={warmup}, max_repeats={max_repeats}")
-    if budget_s is not None and warmup < 1:
-        raise ValueError("normzoo bench: a time budget needs at least one warm-up round to size the rounds")
+    times: Dict[str, List[float]] = {name: [] for name in names}
+
+    def one_round(r: int, repeats: Mapping[str, int], record: bool) -> Dict[str, float]:
+        last = {}
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            fn = contenders[name]
+            for _ in range(repeats[name]):
+                start = time.perf_counter()
+                fn()
+                last[name] = time.perf_counter() - start
+                if record:
+                    times[name].append(last[name])
+        return last
+
+    def plan(one_call: Mapping[str, float]) -> Tuple[Dict[str, int], int]:
+        repeats = plan_repeats(one_call, max_repeats)
+        if budget_s is None:
+            return repeats, rounds
+        return repeats, plan_rounds(sum(one_call[n] * repeats[n] for n in names), budget_s, min_rounds, rounds)
+
+    single = {name: 1 for name in names}
     with gc_paused():
         warm: Dict[str, float] = {}
-        for _ in range(warmup):
-            for name in names:
-                start = time.perf_counter()
-                contenders[name]()
-                warm[name] = time.perf_counter() - start
-        repeats = plan_repeats(warm, max_repeats) if warm else {name: 1 for name in names}
-        round_s = sum(warm.get(name, 0.0) * repeats[name] for name in names)
-        n = rounds if budget_s is None else plan_rounds(round_s, budget_s, min_rounds, rounds)
-        times: Dict[str, List[float]] = {name: [] for name in names}
-        for r in range(n):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                fn, out = contenders[name], times[name]
-                for _ in range(repeats[name]):
-                    start = time.perf_counter()
-                    fn()
-                    out.append(time.perf_counter() - start)
+        for w in range(warmup):
+            warm = one_round(w, single, record=False)
+        if warm:
+            repeats, n = plan(warm)
+            start_round = 0
+        else:  # the first timed round sizes the others
+            repeats, n = plan(one_round(0, single, record=True))
+            start_round = 1
+        for r in range(start_round, n):
+            one_round(r, repeats, record=True)
     return times
 
 

@@ -6,7 +6,8 @@ bandwidth at that size), and for the BatchNorm family normzoo's BatchNorm forwar
 set of interleaved rounds (:func:`normzoo.bench.harness.interleaved`). Modules are in training mode;
 "forward" is the training forward (autograd recording, graph dropped), "forward+backward" is
 ``y = m(x); torch.autograd.grad(y, (x, *params), dy)`` with a fixed ``dy``. Inputs, ``dy`` and the copy
-target are allocated once per group and reused.
+target are allocated once per group and reused; every contender runs once while the group is prepared
+(first calls, page faults), so by default no further warm-up round is needed.
 
 The time budget is shared out over the groups, cheapest first, so that what a small group leaves
 unused goes to the big ones; each group gets at least ``min_rounds`` and at most ``rounds`` rounds.
@@ -115,6 +116,8 @@ def _prepare(spec: LayerSpec, shape: Shape, dtype: str, fmt: str, seed: int, llc
         dy = torch.empty_like(y).copy_(dy)  # same layout as the output
         stage = "the first backward"
         _train_step(subject, x, dy)()
+        stage = "the baseline's first backward"
+        _train_step(baseline, x, dy)()
         stage = "counting saved tensors"
         row.saved = saved_for_backward(lambda: subject(x), subject, inputs=[x])
         row.saved_baseline = saved_for_backward(lambda: baseline(x), baseline, inputs=[x])
@@ -139,7 +142,9 @@ def _contenders(members: Sequence[_Member]) -> Dict[str, Callable[[], object]]:
         out[f"{dt}/normzoo/fb"] = _train_step(subject, x, dy)
         out[f"{dt}/baseline/fwd"] = lambda b=baseline, x=x: b(x)
         out[f"{dt}/baseline/fb"] = _train_step(baseline, x, dy)
-        out[f"{dt}/copy"] = harness.copy_contender(x)[0]
+        copy = harness.copy_contender(x)[0]
+        copy()  # touch the destination's pages before timing
+        out[f"{dt}/copy"] = copy
         if m.reference is not None:
             out[f"{dt}/reference/fb"] = _train_step(m.reference, x, dy)
     return out
@@ -166,7 +171,7 @@ def _fill(members: Sequence[_Member], times: Dict[str, List[float]], rounds: int
 
 def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequence[int]]] = None,
         dtypes: Optional[Sequence[str]] = None, memory_formats: Optional[Sequence[str]] = None, *,
-        threads: Optional[int] = 2, rounds: int = 15, min_rounds: int = 3, warmup: int = 1,
+        threads: Optional[int] = 2, rounds: int = 15, min_rounds: int = 3, warmup: int = 0,
         budget_s: Optional[float] = 10.0, allocator: str = "tuned", quick: bool = False,
         specs: Optional[Sequence[LayerSpec]] = None, seed: int = 0,
         progress: Optional[Progress] = None) -> BenchResult:
@@ -179,18 +184,18 @@ def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequen
     ``dtypes``: names, default float32 and bfloat16. ``memory_formats``: ``"contiguous"``,
     ``"channels_last"`` (default both). ``threads``: torch threads during the run (restored after; ``None``
     keeps the current count). ``rounds``/``min_rounds``: bounds on timed rounds per group, ``warmup``
-    untimed rounds first, ``budget_s`` seconds of timed rounds shared over all groups (``None``: always
+    untimed rounds first (default 0: every contender has already run once while the group was prepared), ``budget_s`` seconds of timed rounds shared over all groups (``None``: always
     ``rounds``). ``allocator``: ``"tuned"`` or ``"default"`` (see
     :func:`normzoo.bench.harness.configure_allocator`). ``quick``: float32 unless ``dtypes`` are given, at most
-    3 rounds (at least 2), one warm-up and at most a 10 s budget. ``progress``: called with one line per group.
+    3 rounds (at least 2) and at most a 5 s budget. ``progress``: called with one line per group.
     """
     if quick:
         dtypes = dtypes or ("float32",)
-        rounds, min_rounds, warmup = min(rounds, 3), min(min_rounds, 2), min(warmup, 1)
-        budget_s = 10.0 if budget_s is None else min(budget_s, 10.0)
-    if rounds < 1 or min_rounds < 1 or warmup < 0 or (budget_s is not None and warmup < 1):
-        raise ValueError(f"normzoo bench: need rounds >= 1, min_rounds >= 1 and warmup >= 1 with a budget; got "
-                         f"rounds={rounds}, min_rounds={min_rounds}, warmup={warmup}, budget_s={budget_s}")
+        rounds, min_rounds = min(rounds, 3), min(min_rounds, 2)
+        budget_s = 5.0 if budget_s is None else min(budget_s, 5.0)
+    if rounds < 1 or min_rounds < 1 or warmup < 0:
+        raise ValueError(f"normzoo bench: need rounds >= 1, min_rounds >= 1 and warmup >= 0; got "
+                         f"rounds={rounds}, min_rounds={min_rounds}, warmup={warmup}")
     dtype_names = [cases.parse_dtype(d) for d in (dtypes or cases.DEFAULT_DTYPES)]
     dtype_names = list(dict.fromkeys(dtype_names))
     # float32 first so that the bf16/fp32 ratio has its denominator in the same rounds
