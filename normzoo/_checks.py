@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 
@@ -68,6 +67,12 @@ def check_param(layer: str, name: str, p: Optional[Tensor], shape: Sequence[int]
         raise ValueError(f"{layer}: expected {name} of shape {tuple(shape)}, got {tuple(p.shape)}")
 
 
+def check_channel_params(layer: str, num_channels: int, **params: Optional[Tensor]) -> None:
+    """Every given per-channel tensor (weight, bias, running statistics, gates) has shape ``(C,)``."""
+    for name, p in params.items():
+        check_param(layer, name, p, (num_channels,))
+
+
 def check_groups(layer: str, num_groups: int, num_channels: int) -> None:
     check_positive_int(layer, "num_groups", num_groups)
     if num_channels % num_groups != 0:
@@ -85,5 +90,6 @@ __all__ = [
     "check_floating",
     "check_batch_stats",
     "check_param",
+    "check_channel_params",
     "check_groups",
 ]

@@ -201,6 +201,38 @@ def channel_norm(
     return y, Moments(count if extra is None else count + extra.count, mean, m2)
 
 
+@dataclass
+class BatchStatistics:
+    """What a BN-family method normalizes with: the prepared per-(n, c) moments of the input, and the
+    per-channel BN statistics -- the batch's (``batch`` set, ``count`` its elements per channel) or the
+    running ones (``batch`` and ``count`` None). ``mean``/``var`` have shape ``(1, C)``."""
+
+    prepared: kernels.Prepared
+    mean: Tensor
+    var: Tensor
+    batch: Optional[Moments]
+    count: Optional[int]
+
+
+def batch_or_running(name: str, x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                     training: bool) -> BatchStatistics:
+    """Per-(n, c) moments of ``x`` and the BatchNorm statistics to use: batch statistics in training or
+    without running statistics (then more than one value per channel is required), else the running ones.
+    Methods that mix BN with per-sample statistics (Batch-Instance Norm, Switchable Norm) start here."""
+    from normzoo import _checks
+
+    c = x.shape[1]
+    use_batch = training or running_mean is None or running_var is None
+    if use_batch:
+        _checks.check_batch_stats(name, x, x.numel() // c if x.numel() else 0)
+    with torch.no_grad():
+        p = kernels.prepare(x)
+    if use_batch:
+        batch = Policy("batch").reduce(p.rows)  # (1, C)
+        return BatchStatistics(p, batch.mean, batch.var(0), batch, int(batch.count))
+    return BatchStatistics(p, running_mean.unsqueeze(0), running_var.unsqueeze(0), None, None)
+
+
 def fixed_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                  eps: float, mean_only: bool = False) -> Tensor:
     """Normalize with given (running) per-channel statistics: ``y = gamma (x - mean) / sqrt(var + eps) + beta``.
@@ -218,4 +250,4 @@ def fixed_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
     return torch.addcmul(b.to(x.dtype).view(shape), x, a.to(x.dtype).view(shape))
 
 
-__all__ = ["Policy", "channel_norm", "fixed_affine"]
+__all__ = ["Policy", "channel_norm", "fixed_affine", "batch_or_running", "BatchStatistics"]

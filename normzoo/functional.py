@@ -49,8 +49,8 @@ def _batch_norm_impl(name: str, input: Tensor, running_mean: Optional[Tensor], r
     _checks.check_input(name, input, (2, 3, 4, 5), shape_hint="(N, C, *spatial)")
     _checks.check_eps(name, eps)
     c = input.shape[1]
-    for pname, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _checks.check_param(name, pname, p, (c,))
+    _checks.check_channel_params(name, c, weight=weight, bias=bias, running_mean=running_mean,
+                                 running_var=running_var)
     use_batch = training or running_mean is None or (mode != "mean" and running_var is None)
     if not use_batch:
         return fixed_affine(input, running_mean, running_var, weight, bias, eps, mean_only=mode == "mean")
@@ -105,8 +105,8 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     _checks.check_input(name, input, (3, 4, 5), shape_hint="(N, C, *spatial)")
     _checks.check_eps(name, eps)
     c = input.shape[1]
-    for pname, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _checks.check_param(name, pname, p, (c,))
+    _checks.check_channel_params(name, c, weight=weight, bias=bias, running_mean=running_mean,
+                                 running_var=running_var)
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError(f"{name}: use_input_stats=False needs running_mean and running_var")

@@ -7,7 +7,7 @@ themselves with :func:`register`; :func:`available` lists the names.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Dict, List, Type, TypeVar
+from typing import Any, Callable, Dict, List, TypeVar
 
 import torch.nn as nn
 

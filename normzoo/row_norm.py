@@ -14,7 +14,7 @@ kernels do not apply, :func:`normzoo.functional.layer_norm` uses the channel-nor
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import torch
 from torch import Tensor

@@ -16,6 +16,25 @@ from torch import Tensor, nn
 from normzoo import _checks
 
 
+def init_affine(module: nn.Module, shape: Any, weight: bool, bias: bool, device: Any = None, dtype: Any = None) -> None:
+    """Register ``weight`` (gamma, initialised to 1) and ``bias`` (beta, initialised to 0) of ``shape`` on
+    ``module``, or ``None`` in their place, as torch.nn's norm layers do."""
+    for name, wanted in (("weight", weight), ("bias", bias)):
+        if wanted:
+            setattr(module, name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+        else:
+            module.register_parameter(name, None)
+    reset_affine(module)
+
+
+def reset_affine(module: nn.Module) -> None:
+    """``weight`` to 1 and ``bias`` to 0, where present."""
+    if getattr(module, "weight", None) is not None:
+        nn.init.ones_(module.weight)
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+
+
 class NormBase(nn.Module):
     """Per-channel affine parameters and running statistics (``torch.nn`` layout).
 
@@ -41,14 +60,7 @@ class NormBase(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-        if affine and bias:
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
-        else:
-            self.register_parameter("bias", None)
+        init_affine(self, num_features, affine, affine and bias, device, dtype)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
             self.register_buffer("running_var", torch.ones(num_features, **factory))
@@ -74,10 +86,7 @@ class NormBase(nn.Module):
     def reset_parameters(self) -> None:
         """Running statistics to mean 0 / variance 1, ``weight`` (gamma) to 1 and ``bias`` (beta) to 0."""
         self.reset_running_stats()
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def extra_repr(self) -> str:
         return (
@@ -121,4 +130,4 @@ class NormBase(nn.Module):
                                       error_msgs)
 
 
-__all__ = ["NormBase"]
+__all__ = ["NormBase", "init_affine", "reset_affine"]

@@ -44,10 +44,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from normzoo import _checks, kernels
-from normzoo.channel_norm import Policy
+from normzoo.channel_norm import batch_or_running
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
-from normzoo.stats import Moments
 
 
 def _row(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -116,19 +115,11 @@ def _batch_instance_norm(name: str, input: Tensor, rho: Tensor, running_mean: Op
     if not isinstance(rho, Tensor):
         raise TypeError(f"{name}: rho must be a tensor of shape ({c},), got {type(rho).__name__}")
     _checks.check_param(name, "rho", rho, (c,))
-    for pname, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _checks.check_param(name, pname, p, (c,))
-    use_batch = training or running_mean is None or running_var is None
-    if use_batch:
-        _checks.check_batch_stats(name, input, input.numel() // c if input.numel() else 0)
-    with torch.no_grad():
-        p = kernels.prepare(input)
-    if use_batch:
-        batch: Moments = Policy("batch").reduce(p.rows)  # (1, C)
-        bn_mean, bn_var, bn_count = batch.mean, batch.var(0), batch.count
-    else:
-        bn_mean, bn_var, bn_count = running_mean.unsqueeze(0), running_var.unsqueeze(0), None
-    y = _BatchInstanceNormFn.apply(input, weight, bias, rho, p, bn_mean, bn_var, bn_count, eps)
+    _checks.check_channel_params(name, c, weight=weight, bias=bias, running_mean=running_mean,
+                                 running_var=running_var)
+    st = batch_or_running(name, input, running_mean, running_var, training)
+    y = _BatchInstanceNormFn.apply(input, weight, bias, rho, st.prepared, st.mean, st.var, st.count, eps)
+    batch = st.batch
     if training and (running_mean is not None or running_var is not None):
         from normzoo.functional import update_running_stats  # runtime import: functional re-exports this module
 

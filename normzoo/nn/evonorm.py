@@ -103,8 +103,7 @@ def _check_common(name: str, input: Tensor, weight: Optional[Tensor], bias: Opti
     _checks.check_input(name, input, _INPUT_DIMS, shape_hint=_SHAPE_HINT)
     _checks.check_eps(name, eps)
     c = input.shape[1]
-    for pname, p in (("weight", weight), ("bias", bias), ("v", v)):
-        _checks.check_param(name, pname, p, (c,))
+    _checks.check_channel_params(name, c, weight=weight, bias=bias, v=v)
     return c
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from normzoo import _checks
 from normzoo import functional as F
-from normzoo.nn._base import NormBase
+from normzoo.nn._base import NormBase, init_affine, reset_affine
 from normzoo.registry import register
 
 _Shape = Union[int, Sequence[int], torch.Size]
@@ -85,22 +85,8 @@ class InstanceNorm3d(_InstanceNorm):
 class _ChannelAffine(nn.Module):
     """Per-channel ``weight``/``bias`` for the per-sample channel-first layers (no running statistics)."""
 
-    def _init_affine(self, num_channels: int, affine: bool, bias: bool, device: Any, dtype: Any) -> None:
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
-        if affine and bias:
-            self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
     def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
 
 
 class GroupNorm(_ChannelAffine):
@@ -119,7 +105,7 @@ class GroupNorm(_ChannelAffine):
         _checks.check_eps("GroupNorm", eps)
         super().__init__()
         self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
-        self._init_affine(num_channels, affine, bias, device, dtype)
+        init_affine(self, num_channels, affine, affine and bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         _checks.check_input("GroupNorm", input, (2, 3, 4, 5), self.num_channels, "(N, C, *spatial)")
@@ -155,7 +141,7 @@ class LayerNorm2d(_ChannelAffine):
         _checks.check_eps("LayerNorm2d", eps)
         super().__init__()
         self.num_channels, self.eps, self.affine = num_channels, eps, affine
-        self._init_affine(num_channels, affine, bias, device, dtype)
+        init_affine(self, num_channels, affine, affine and bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         _checks.check_input("LayerNorm2d", input, (3, 4, 5), self.num_channels, "(N, C, *spatial)")
@@ -188,22 +174,10 @@ class LayerNorm(nn.Module):
         _checks.check_eps("LayerNorm", eps)
         super().__init__()
         self.eps, self.elementwise_affine = eps, elementwise_affine
-        factory = {"device": device, "dtype": dtype}
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-        else:
-            self.register_parameter("weight", None)
-        if elementwise_affine and bias:
-            self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        init_affine(self, self.normalized_shape, elementwise_affine, elementwise_affine and bias, device, dtype)
 
     def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -228,15 +202,10 @@ class RMSNorm(nn.Module):
             _checks.check_eps("RMSNorm", eps)
         super().__init__()
         self.eps, self.elementwise_affine = eps, elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
-        self.reset_parameters()
+        init_affine(self, self.normalized_shape, elementwise_affine, False, device, dtype)
 
     def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
+        reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)

@@ -79,8 +79,8 @@ def _batch_renorm(name: str, input: Tensor, running_mean: Optional[Tensor], runn
     _checks.check_eps(name, eps)
     r_max, d_max = _check_limits(name, r_max, d_max)
     c = input.shape[1]
-    for pname, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _checks.check_param(name, pname, p, (c,))
+    _checks.check_channel_params(name, c, weight=weight, bias=bias, running_mean=running_mean,
+                                 running_var=running_var)
     if running_mean is None or running_var is None:
         raise ValueError(f"{name}: batch renormalization needs running_mean and running_var (got None)")
     if not training:

@@ -70,8 +70,7 @@ def filter_response_norm(
     name = "filter_response_norm"
     _checks.check_input(name, input, range(2, 8), shape_hint="(N, C, *spatial)")
     c = input.shape[1]
-    for pname, p in (("weight", weight), ("bias", bias), ("tau", tau)):
-        _checks.check_param(name, pname, p, (c,))
+    _checks.check_channel_params(name, c, weight=weight, bias=bias, tau=tau)
     if isinstance(eps, Tensor):
         if eps.numel() not in (1, c):
             raise ValueError(f"{name}: a tensor eps must have 1 or {c} elements, got shape {tuple(eps.shape)}")

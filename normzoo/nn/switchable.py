@@ -47,10 +47,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from normzoo import _checks, kernels
-from normzoo.channel_norm import Policy
+from normzoo.channel_norm import batch_or_running
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
-from normzoo.stats import Moments
 
 #: The order of the three statistics in the mixing logits.
 SWITCH_ORDER = ("in", "ln", "bn")
@@ -135,19 +134,12 @@ def _switchable_norm(name: str, input: Tensor, mean_logits: Tensor, var_logits: 
     c = input.shape[1]
     _check_logits(name, "mean_logits", mean_logits)
     _check_logits(name, "var_logits", var_logits)
-    for pname, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _checks.check_param(name, pname, p, (c,))
-    use_batch = training or running_mean is None or running_var is None
-    if use_batch:
-        _checks.check_batch_stats(name, input, input.numel() // c if input.numel() else 0)
-    with torch.no_grad():
-        p = kernels.prepare(input)
-    if use_batch:
-        batch: Moments = Policy("batch").reduce(p.rows)  # (1, C)
-        bn_mean, bn_var, bn_count = batch.mean, batch.var(0), batch.count
-    else:
-        bn_mean, bn_var, bn_count = running_mean.unsqueeze(0), running_var.unsqueeze(0), None
-    y = _SwitchNormFn.apply(input, weight, bias, mean_logits, var_logits, p, bn_mean, bn_var, bn_count, eps)
+    _checks.check_channel_params(name, c, weight=weight, bias=bias, running_mean=running_mean,
+                                 running_var=running_var)
+    st = batch_or_running(name, input, running_mean, running_var, training)
+    y = _SwitchNormFn.apply(input, weight, bias, mean_logits, var_logits, st.prepared, st.mean, st.var, st.count,
+                            eps)
+    batch = st.batch
     if training and (running_mean is not None or running_var is not None):
         from normzoo.functional import update_running_stats  # runtime import: functional re-exports this module
 
