@@ -16,7 +16,7 @@ Counting rule (the benchmark reports exactly this):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -59,6 +59,12 @@ def saved_for_backward(fn: Callable[[], Any], module: Optional[torch.nn.Module] 
     ``inputs``: tensors whose storage, if saved, sets ``saves_input``. ``fn``'s result is kept alive until
     the count is done, then released with its graph.
     """
+    return count_saved(fn, module, inputs, extra_parameters)[0]
+
+
+def count_saved(fn: Callable[[], Any], module: Optional[torch.nn.Module] = None, inputs: Iterable[Tensor] = (),
+                extra_parameters: Iterable[Tensor] = ()) -> Tuple[SavedBytes, Any]:
+    """:func:`saved_for_backward`, also returning ``fn()``'s result (and with it the graph, still alive)."""
     param_keys = set()
     tensors = list(extra_parameters)
     if module is not None:
@@ -86,9 +92,10 @@ def saved_for_backward(fn: Callable[[], Any], module: Optional[torch.nn.Module] 
         result = fn()
     activation = sum(size for key, size in sizes.items() if key not in param_keys)
     parameter = sum(size for key, size in sizes.items() if key in param_keys)
-    del result, held
-    return SavedBytes(activation_bytes=activation, parameter_bytes=parameter, tensors=count,
-                      storages=len(sizes), saves_input=bool(input_keys & set(sizes)))
+    del held
+    saved = SavedBytes(activation_bytes=activation, parameter_bytes=parameter, tensors=count,
+                       storages=len(sizes), saves_input=bool(input_keys & set(sizes)))
+    return saved, result
 
 
-__all__ = ["SavedBytes", "saved_for_backward"]
+__all__ = ["SavedBytes", "saved_for_backward", "count_saved"]

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from normzoo.bench import cases, environment, harness
 from normzoo.bench.cases import LayerSpec, Shape
-from normzoo.bench.memory import saved_for_backward
+from normzoo.bench.memory import count_saved
 from normzoo.bench.results import Row, Timing
 from normzoo.bench.targets import checks, summary
 
@@ -107,20 +107,18 @@ def _prepare(spec: LayerSpec, shape: Shape, dtype: str, fmt: str, seed: int, llc
             if mod is not None:
                 mod.to(tdtype).train()
         x = cases.make_input(shape, tdtype, fmt, gen)
-        stage = "the first forward"
-        y = subject(x)
+        stage = "the first forward"  # (counting what it saves for backward)
+        row.saved, y = count_saved(lambda: subject(x), subject, inputs=[x])
         stage = "the baseline's first forward"
-        y_base = baseline(x)
+        row.saved_baseline, y_base = count_saved(lambda: baseline(x), baseline, inputs=[x])
         row.max_abs_diff = _max_abs_diff(y, y_base)
         dy = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(tdtype)
         dy = torch.empty_like(y).copy_(dy)  # same layout as the output
+        del y, y_base  # and their graphs
         stage = "the first backward"
         _train_step(subject, x, dy)()
         stage = "the baseline's first backward"
         _train_step(baseline, x, dy)()
-        stage = "counting saved tensors"
-        row.saved = saved_for_backward(lambda: subject(x), subject, inputs=[x])
-        row.saved_baseline = saved_for_backward(lambda: baseline(x), baseline, inputs=[x])
         if reference is not None:
             stage = "the BatchNorm reference"
             _train_step(reference, x, dy)()
