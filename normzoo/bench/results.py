@@ -2,8 +2,8 @@
 
 Derived quantities (all from medians measured in the same interleaved rounds):
 
-* ``ratio_fwd``, ``ratio_fb``: baseline time / normzoo time (``> 1``: normzoo is faster), forward and
-  forward+backward.
+* ``ratio_fb`` (and ``ratio_fwd`` where the baseline's forward was timed; ``run`` times its
+  forward+backward only): baseline time / normzoo time (``> 1``: normzoo is faster).
 * ``gbps_fwd = 2 * bytes / t_fwd`` and ``gbps_fb = 5 * bytes / t_fb``: effective bandwidth against the
   memory-traffic floor (forward reads ``x`` and writes ``y``; backward reads ``x`` and ``dy`` and writes
   ``dx``), ``bytes`` being one input-sized tensor.
