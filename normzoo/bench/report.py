@@ -144,7 +144,7 @@ def write_plot(result: "BenchResult", path: str) -> Optional[str]:
     from matplotlib.ticker import FuncFormatter
 
     labels = [r.label for r in rows]
-    height = max(3.0, 0.22 * len(rows) + 1.2)
+    height = max(3.0, 0.2 * len(rows) + 1.0)
     fig = Figure(figsize=(12, height))
     ax1, ax2 = fig.subplots(1, 2, sharey=True)
     y = list(range(len(rows)))
@@ -174,7 +174,7 @@ def write_plot(result: "BenchResult", path: str) -> Optional[str]:
     meta = result.meta
     fig.suptitle(f"normzoo bench: {meta.get('threads')} threads, torch {meta.get('machine', {}).get('torch', '?')}"
                  f" (green: target met, red: missed)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.3 / height))  # room for the title
     fig.savefig(path, dpi=110)
     return path
 
