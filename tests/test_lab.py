@@ -8,13 +8,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from normzoo.lab import ORDER, Result, run_experiment
-from normzoo.lab import cli, experiments, report, runner
+from normzoo.lab import cli, experiments, runner
 from normzoo.lab.runner import VERDICTS, CorruptResults, Progress, load_results
 
 TINY = 0.04

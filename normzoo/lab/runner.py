@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Text
 from . import models
 from .train import single_thread
 
-__all__ = ["VERDICTS", "Experiment", "Context", "Result", "Progress", "CorruptResults", "run_experiment",
+__all__ = ["VERDICTS", "Experiment", "Context", "WorkerPool", "Result", "Progress", "CorruptResults", "run_experiment",
            "run_experiments", "load_results", "save_results", "default_scale", "RESULTS_FILE", "FORMAT"]
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "pending", "error")
@@ -129,33 +129,66 @@ def _call(job: Tuple[Callable[..., Any], Dict[str, Any]]) -> Any:
     return fn(**kwargs)
 
 
+class WorkerPool:
+    """A lazily started pool of ``size`` spawned worker processes (one torch thread each), shared by the
+    experiments of one run; ``close()`` ends it."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"normzoo.lab: workers must be >= 1, got {size}")
+        self.size = int(size)
+        self._pool: Any = None
+
+    def imap(self, fn: Callable[..., Any], jobs: Sequence[Dict[str, Any]]) -> Iterable[Any]:
+        if self._pool is None:
+            self._pool = multiprocessing.get_context("spawn").Pool(self.size, initializer=_worker_init)
+        return self._pool.imap(_call, [(fn, kw) for kw in jobs])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+
 class Context:
     """What an experiment's ``run`` gets: the settings, sizing helpers, progress and a parallel map.
 
-    - ``quick`` / ``seed`` / ``scale`` -- the settings; ``scale`` in (0, 1] shrinks step counts for tests.
+    - ``quick`` / ``seed`` / ``scale`` -- the settings; ``scale`` in (0, 1] shrinks step counts for tests
+      (and, below 0.25, thins sweeps: :meth:`thin`).
     - :meth:`steps` -- a step count for quick or full, times ``scale``.
-    - :meth:`map` -- ``fn(**kwargs)`` for each job, in ``workers`` processes when > 1 (each job seeds itself,
-      so the results do not depend on the number of workers); ``fn`` must be a module-level function.
+    - :meth:`map` -- ``fn(**kwargs)`` for each job, in the worker processes of ``pool`` when it has more than
+      one (each job seeds itself, so the results do not depend on the number of workers); ``fn`` must be a
+      module-level function.
     - :meth:`plan` / :meth:`advance` -- progress units for work not done through :meth:`map`.
     """
 
-    def __init__(self, quick: bool = True, seed: int = 0, scale: float = 1.0, workers: int = 1,
+    def __init__(self, quick: bool = True, seed: int = 0, scale: float = 1.0, pool: Optional[WorkerPool] = None,
                  progress: Optional[Progress] = None) -> None:
         if not 0 < scale <= 1:
             raise ValueError(f"normzoo.lab: scale must be in (0, 1], got {scale}")
-        if workers < 1:
-            raise ValueError(f"normzoo.lab: workers must be >= 1, got {workers}")
-        self.quick, self.seed, self.scale, self.workers = bool(quick), int(seed), float(scale), int(workers)
+        self.quick, self.seed, self.scale = bool(quick), int(seed), float(scale)
+        self.pool = pool
         self.progress = progress
         self.total = 0
         self.done = 0
-        self._pool: Any = None
 
     def pick(self, quick: Any, full: Any) -> Any:
         return quick if self.quick else full
 
     def steps(self, quick: int, full: int, minimum: int = 4) -> int:
         return max(minimum, int(round(self.pick(quick, full) * self.scale)))
+
+    def thin(self, values: Sequence[Any], minimum: int = 3) -> List[Any]:
+        """``values`` as they are, or -- for smoke tests at ``scale < 0.25`` -- an evenly spaced subset of
+        ``max(minimum, len * 4 * scale)`` of them, first and last included (just the first when that is 1)."""
+        values = list(values)
+        k = max(minimum, int(round(len(values) * 4 * self.scale)))
+        if self.scale >= 0.25 or k >= len(values):
+            return values
+        if k == 1:
+            return values[:1]
+        return [values[round(i * (len(values) - 1) / (k - 1))] for i in range(k)]
 
     def plan(self, units: int) -> None:
         self.total += int(units)
@@ -173,10 +206,8 @@ class Context:
         jobs = list(jobs)
         self.plan(len(jobs))
         out: List[Any] = []
-        if self.workers > 1 and len(jobs) > 1:
-            if self._pool is None:
-                self._pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=_worker_init)
-            for value in self._pool.imap(_call, [(fn, kw) for kw in jobs]):
+        if self.pool is not None and self.pool.size > 1 and len(jobs) > 1:
+            for value in self.pool.imap(fn, jobs):
                 out.append(value)
                 self.advance(1, note)
         else:
@@ -184,12 +215,6 @@ class Context:
                 out.append(fn(**kw))
                 self.advance(1, note)
         return out
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
 
 
 @dataclass
@@ -298,11 +323,12 @@ def run_experiment(name: str, quick: bool = True, seed: int = 0, scale: Optional
     from .experiments import get
 
     exp = get(name)
-    ctx = Context(quick=quick, seed=seed, scale=default_scale() if scale is None else scale, workers=workers)
+    pool = WorkerPool(workers)
     try:
-        result = _execute(exp, ctx)
+        result = _execute(exp, Context(quick=quick, seed=seed, scale=default_scale() if scale is None else scale,
+                                       pool=pool))
     finally:
-        ctx.close()
+        pool.close()
     if out is not None:
         from .report import draw_figure, write_html
 
@@ -385,8 +411,7 @@ def run_experiments(names: Iterable[str], out: os.PathLike, quick: bool = True, 
     config = {"quick": bool(quick), "seed": int(seed), "scale": float(scale)}
     results = load_results(out, on_corrupt="move", warn=progress.message)
     out.mkdir(parents=True, exist_ok=True)
-    ctx_args = dict(quick=quick, seed=seed, scale=scale, workers=workers, progress=progress)
-    pool_ctx = Context(**ctx_args)
+    pool = WorkerPool(workers)
     try:
         for i, exp in enumerate(exps, 1):
             old = results.get(exp.name)
@@ -394,11 +419,9 @@ def run_experiments(names: Iterable[str], out: os.PathLike, quick: bool = True, 
             if not fresh and old is not None and old.finished_ok and old.config == config:
                 progress.message(f"[{i}/{len(exps)}] {exp.name}: finished before ({old.verdict}), kept")
                 continue
-            ctx = Context(**ctx_args)
-            ctx._pool = pool_ctx._pool
             t0 = time.monotonic()
             try:
-                result = _execute(exp, ctx)
+                result = _execute(exp, Context(quick=quick, seed=seed, scale=scale, pool=pool, progress=progress))
             except KeyboardInterrupt:
                 progress.message(f"normzoo lab: interrupted during {exp.name}; finished experiments are saved "
                                  f"in {out / RESULTS_FILE}, run the same command again to resume")
@@ -407,13 +430,12 @@ def run_experiments(names: Iterable[str], out: os.PathLike, quick: bool = True, 
                 result = Result(verdict="error", reason=f"{exc.__class__.__name__}: {exc}",
                                 error=traceback.format_exc(), elapsed_s=round(time.monotonic() - t0, 2),
                                 finished=_now(), **_base(exp, config))
-            pool_ctx._pool = ctx._pool
             result.figure = draw_figure(exp, result, out)
             results[exp.name] = result
             save_results(out, results)
             write_html(out, results)
             progress.finish(result)
     finally:
-        pool_ctx.close()
+        pool.close()
     write_html(out, results)
     return results

@@ -72,7 +72,7 @@ def available_norms(full: bool) -> List[str]:
 
 
 def run(ctx: Context) -> Dict[str, Any]:
-    sizes = ctx.pick([2, 8, 32], [2, 4, 8, 16, 32])
+    sizes = ctx.thin(ctx.pick([2, 32], [2, 4, 8, 16, 32]), minimum=2)
     steps = ctx.steps(400, 1500, minimum=10)
     norms = available_norms(full=not ctx.quick)
     jobs = [dict(norm=k, batch_size=b, ghost=0, seed=ctx.seed, steps=steps) for k in norms for b in sizes]

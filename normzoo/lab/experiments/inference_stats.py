@@ -90,7 +90,7 @@ def train_one(batch_size: int, seed: int, steps: int) -> Dict[str, Any]:
 def run(ctx: Context) -> Dict[str, Any]:
     sizes = (128, 8)
     steps = ctx.steps(500, 3000)
-    seeds = [ctx.seed + i for i in range(ctx.pick(2, 5))]
+    seeds = ctx.thin([ctx.seed + i for i in range(ctx.pick(2, 5))], minimum=1)
     jobs = [dict(batch_size=b, seed=s, steps=steps) for b in sizes for s in seeds]
     rs = ctx.map(train_one, jobs)
     names = [f"ema {m}" for m in MOMENTA] + ["cumulative", "pooled"]

@@ -27,7 +27,7 @@ def train_one(norm: str, scale: float, seed: int, steps: int) -> Dict[str, Any]:
 
 
 def run(ctx: Context) -> Dict[str, Any]:
-    scales = log_range(-4, 0, 20)
+    scales = ctx.thin(log_range(-4, 0, 20))
     steps = ctx.steps(150, 800)
     seeds = [ctx.seed + i for i in range(ctx.pick(1, 3))]
     jobs = [dict(norm=n, scale=s, seed=sd, steps=steps) for n in ("none", "bn") for s in scales for sd in seeds]

@@ -33,7 +33,7 @@ def _status(r: Dict[str, Any]) -> str:
 
 
 def run(ctx: Context) -> Dict[str, Any]:
-    lrs = log_range(-2.5, 1.5, ctx.pick(9, 17))
+    lrs = ctx.thin(log_range(-2.5, 1.5, ctx.pick(9, 17)))
     steps = ctx.steps(200, 1500)
     jobs = [dict(norm=n, lr=lr, seed=ctx.seed, steps=steps) for n in ("none", "bn") for lr in lrs]
     rs = ctx.map(train_one, jobs)

@@ -55,7 +55,7 @@ def _mean_se(xs: List[float]) -> Tuple[float, float]:
 
 def run(ctx: Context) -> Dict[str, Any]:
     steps = ctx.steps(400, 1500)
-    seeds = [ctx.seed + i for i in range(ctx.pick(3, 10))]
+    seeds = ctx.thin([ctx.seed + i for i in range(ctx.pick(3, 10))], minimum=2)
     jobs = [dict(variant=v, seed=s, steps=steps) for v in VARIANTS for s in seeds]
     finals = ctx.map(train_one, jobs)
     per: Dict[str, Dict[str, List[float]]] = {}

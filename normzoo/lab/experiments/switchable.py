@@ -40,7 +40,7 @@ def train_one(batch_size: int, seed: int, steps: int) -> Dict[str, Any]:
 
 
 def run(ctx: Context) -> Dict[str, Any]:
-    sizes = ctx.pick([2, 8, 32], [2, 4, 8, 16, 32])
+    sizes = ctx.thin(ctx.pick([2, 8, 32], [2, 4, 8, 16, 32]), minimum=2)
     steps = ctx.steps(400, 1500, minimum=10)
     rs = ctx.map(train_one, [dict(batch_size=b, seed=ctx.seed, steps=steps) for b in sizes])
     importance: List[float] = []
