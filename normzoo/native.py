@@ -28,14 +28,15 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("_native") / "kernels.c.in"
-_TYPES = {
-    torch.float32: ("f32", "float", "nz_ld_f32", "nz_st_f32"),
-    torch.float64: ("f64", "double", "nz_ld_f64", "nz_st_f64"),
-    torch.bfloat16: ("bf16", "uint16_t", "nz_ld_bf16", "nz_st_bf16"),
+_TYPES = {  # dtype: (suffix, storage type, arithmetic type, load, store)
+    torch.float32: ("f32", "float", "float", "nz_ld_f32", "nz_st_f32"),
+    torch.float64: ("f64", "double", "double", "nz_ld_f64", "nz_st_f64"),
+    torch.bfloat16: ("bf16", "uint16_t", "float", "nz_ld_bf16", "nz_st_bf16"),
 }
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-pthread"]
-#: Below this many elements a kernel runs on one thread (thread start-up would cost more than it saves).
-PARALLEL_THRESHOLD = 1 << 15
+#: Below this many elements a kernel runs on one thread: starting and joining threads (tens of
+#: microseconds, far more on a loaded machine) costs more than a second core saves on a few MB.
+PARALLEL_THRESHOLD = 1 << 20
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -48,8 +49,9 @@ def _source_text() -> str:
     head, rest = text.split("/* BEGIN_TYPED */", 1)
     typed, tail = rest.split("/* END_TYPED */", 1)
     parts = [head]
-    for suf, ctype, ld, st in _TYPES.values():
-        parts.append(typed.replace("$SUF", suf).replace("$T", ctype).replace("$LD", ld).replace("$ST", st))
+    for suf, ctype, atype, ld, st in _TYPES.values():
+        parts.append(typed.replace("$SUF", suf).replace("$T", ctype).replace("$A", atype).replace("$LD", ld)
+                     .replace("$ST", st))
     parts.append(tail)
     return "".join(parts)
 

@@ -14,6 +14,16 @@ def test_native_kernels_build_where_a_compiler_exists():
     assert native.status() == "native"
 
 
+@pytest.fixture(autouse=True)
+def threaded(monkeypatch):
+    """Split even these small test tensors over two threads, so the per-thread code paths run."""
+    monkeypatch.setattr(native, "PARALLEL_THRESHOLD", 1024)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fallback(monkeypatch):
     """Run the code under test with the native kernels switched off."""
@@ -43,7 +53,7 @@ def _fwd_bwd(fn, x, w, b, g):
 @pytest.mark.parametrize("name", sorted(LAYERS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("shape", [(3, 8, 5, 7), (16, 8, 32, 33)])  # the second runs multithreaded
+@pytest.mark.parametrize("shape", [(3, 8, 5, 7), (16, 8, 32, 33)])
 def test_native_equals_fallback(name, dtype, channels_last, shape, fallback):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=gen) * 2 + 1.5).to(dtype)
@@ -62,7 +72,7 @@ def test_native_equals_fallback(name, dtype, channels_last, shape, fallback):
 
 
 @pytest.mark.parametrize("rms", [False, True])
-@pytest.mark.parametrize("rows", [5, 4096])  # 4096 x 96 runs multithreaded with per-thread column sums
+@pytest.mark.parametrize("rows", [5, 4096])  # threads split the rows, with per-thread column sums
 def test_row_kernels_equal_fallback(rms, rows, fallback):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(rows, 96, generator=gen, dtype=torch.float64) + 0.7
