@@ -35,8 +35,8 @@ _TYPES = {  # dtype: (suffix, storage type, arithmetic type, load, store)
 }
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-pthread"]
 #: Below this many elements a kernel runs on one thread: starting and joining threads (tens of
-#: microseconds, far more on a loaded machine) costs more than a second core saves on a few MB.
-PARALLEL_THRESHOLD = 1 << 20
+#: microseconds, far more on a loaded machine) costs more than a second core saves on 1 MB.
+PARALLEL_THRESHOLD = 1 << 18
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
