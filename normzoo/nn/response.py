@@ -31,10 +31,10 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-from normzoo import _checks
+from normzoo import _checks, kernels
 from normzoo.registry import register
-from normzoo.stats import accumulation_dtype
 
 #: Below this fixed eps, a 1x1 input triggers the warning described in the module doc.
 SMALL_EPS_1X1 = 1e-3
@@ -76,21 +76,69 @@ def filter_response_norm(
             raise ValueError(f"{name}: a tensor eps must have 1 or {c} elements, got shape {tuple(eps.shape)}")
     else:
         _checks.check_eps(name, eps)
-    acc = accumulation_dtype(input.dtype)
-    xa = input if input.dtype == acc else input.to(acc)
-    spatial = tuple(range(2, input.dim()))
-    nu2 = xa.square().mean(spatial, keepdim=True) if spatial else xa.square()
-    if isinstance(eps, Tensor):
-        eps = eps.to(acc).reshape(()) if eps.numel() == 1 else _per_channel(eps.to(acc).reshape(c), input)
-    scale = torch.rsqrt(nu2 + eps)
-    if weight is not None:
-        scale = scale * _per_channel(weight.to(acc), input)
-    y = input * scale.to(input.dtype)
-    if bias is not None:
-        y = y + _per_channel(bias, input).to(input.dtype)
-    if tau is not None:
-        y = torch.maximum(y, _per_channel(tau, input).to(input.dtype))
-    return y
+    eps_t = eps if isinstance(eps, Tensor) else torch.tensor(float(eps))
+    return _FilterResponseFn.apply(input, weight, bias, tau, eps_t)
+
+
+class _FilterResponseFn(torch.autograd.Function):
+    """FRN (+ TLU) as one op on the statistics core. With ``rstd = (nu2 + eps)^-1/2`` per (n, c):
+
+        y  = gamma * rstd * x + beta,      z = max(y, tau)
+        dy = dz * [y > tau],               dtau = sum dz * [y <= tau]
+        dx = gamma rstd dy - gamma rstd^3 x (1/L) sum_S dy x
+        dgamma = sum rstd dy x,  dbeta = sum dy,  deps = -1/2 sum gamma rstd^3 sum_S dy x
+
+    Saved for backward: ``x`` and ``rstd`` (O(N C)); ``y`` and the TLU mask are recomputed from them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], tau: Optional[Tensor],
+                eps: Tensor) -> Tensor:
+        n, c = x.shape[:2]
+        rows = kernels.prepare(x).rows  # per (n, c): exact mean and M2 over the spatial dims
+        nu2 = rows.var(0) + rows.mean.square()
+        eps_nc = eps.detach().to(nu2.dtype).reshape(-1).expand(c) if eps.numel() in (1, c) else eps
+        rstd = torch.rsqrt(nu2 + eps_nc)
+        y = _pre_tlu(x, rstd, weight, bias)
+        if tau is not None:
+            torch.maximum(y, _per_channel(tau.detach(), y).to(y.dtype), out=y)
+        ctx.save_for_backward(x, weight, bias, tau, rstd)
+        ctx.eps_shape = eps.shape
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dz: Tensor):  # type: ignore[override]
+        x, weight, bias, tau, rstd = ctx.saved_tensors
+        dtau = None
+        if tau is not None:
+            above = _pre_tlu(x, rstd, weight, bias) > _per_channel(tau, x).to(x.dtype)
+            dy = torch.where(above, dz, torch.zeros((), dtype=dz.dtype))
+            if ctx.needs_input_grad[3]:
+                dtau = (dz - dy).sum([0] + list(range(2, dz.dim())), dtype=rstd.dtype).to(tau.dtype)
+        else:
+            dy = dz
+        zero = torch.zeros_like(rstd)
+        s1, s2 = kernels.grad_sums(dy, x, zero)  # per (n, c): sum dy, sum dy x
+        gamma = weight.to(rstd.dtype) if weight is not None else torch.ones_like(rstd[0])
+        length = x.numel() // (x.shape[0] * x.shape[1])
+        drstd = gamma * s2  # dL/drstd per (n, c)
+        dx = kernels.affine_grad(dy, x, gamma * rstd, -gamma * rstd.pow(3) * s2 / length, zero, zero)
+        dweight = (rstd * s2).sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        dbias = s1.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        deps = None
+        if ctx.needs_input_grad[4]:
+            per_nc = -0.5 * drstd * rstd.pow(3)
+            deps = (per_nc.sum() if len(ctx.eps_shape) == 0 or int(torch.Size(ctx.eps_shape).numel()) == 1
+                    else per_nc.sum(0)).reshape(ctx.eps_shape)
+        return dx, dweight, dbias, dtau, deps
+
+
+def _pre_tlu(x: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """``gamma * rstd * x + beta`` per (n, c), in ``x``'s dtype and layout."""
+    a = rstd if weight is None else rstd * weight.detach().to(rstd.dtype)
+    b = torch.zeros_like(a) if bias is None else bias.detach().to(a.dtype).expand_as(a)
+    return kernels.affine(x, a, torch.zeros_like(a), b)
 
 
 def tlu(input: Tensor, tau: Tensor) -> Tensor:
