@@ -51,3 +51,31 @@ def test_ill_conditioned_input_saves_its_centred_copy_only():
     x = (torch.randn(8, 16, 12, 12) * 1e-3 + 1e4).requires_grad_()
     a = saved_bytes(znn.BatchNorm2d(16), x)
     assert a <= x.numel() * 4 + 4 * 8 * 16 * 8
+
+
+def _example(name):
+    """A module made by name and an input it takes (2d layers get NCHW, 1d (N, C, L), last-dim layers (N, L, D))."""
+    import normzoo
+
+    kwargs = {"compensate": False} if name.startswith("cbn") else {}
+    module = normzoo.create(name, 8, **kwargs)
+    if name in ("ln", "rms"):
+        shape = (4, 16, 8)
+    elif name.endswith("1d"):
+        shape = (6, 8, 20)
+    elif name.endswith("3d"):
+        shape = (3, 8, 4, 5, 6)
+    else:
+        shape = (4, 8, 10, 10)
+    return module, torch.randn(shape).requires_grad_()
+
+
+def test_every_registered_layer_saves_at_most_its_input_plus_statistics():
+    import normzoo
+
+    for name in normzoo.available():
+        module, x = _example(name)
+        module.train()
+        n, c = x.shape[0], x.shape[1]
+        limit = x.numel() * x.element_size() + 16 * n * c * 8  # one input + O(N*C) float64 statistics
+        assert saved_bytes(module, x) <= limit, name

@@ -35,8 +35,10 @@ Conventions where the paper and common code differ:
   into batch or group moments with :meth:`normzoo.stats.Moments.reduce` (Chan's formula); groups whose
   mean is large next to their spread are recomputed around their (constant) mean (:func:`merged_moments`),
   so a channel with mean 1e4 and std 1e-2 keeps its variance in float32. A constant input gives a finite
-  output (the variances are 0 and ``eps`` keeps the denominators positive). All of it is plain autograd:
-  the gradient includes the paths through the variances (the statistics are not treated as constants).
+  output (the variances are 0 and ``eps`` keeps the denominators positive). The gradient is autograd's
+  through the whole formula, the paths through the variances included (the statistics are not treated
+  as constants); the graph is rebuilt in backward (:class:`_Rematerialize`), so only the input and the
+  parameters are saved for backward.
 """
 from __future__ import annotations
 
@@ -44,8 +46,9 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-from normzoo import _checks
+from normzoo import _checks, kernels
 from normzoo.nn.group import default_groups
 from normzoo.registry import register
 from normzoo.stats import Moments, accumulation_dtype, ill_conditioned
@@ -98,6 +101,35 @@ def merged_moments(x: Tensor, merge: Callable[[Moments], Moments],
     return inst, group
 
 
+class _Rematerialize(torch.autograd.Function):
+    """Run ``fn(*tensors)`` without keeping its graph: save only the inputs, rebuild the graph in backward.
+
+    EvoNorm's activation is elementwise (a max against ``v x``, a sigmoid), so plain autograd would keep
+    several input-sized intermediates alive until backward (4x the input). Saving only the inputs keeps
+    the saved-for-backward memory at one input plus the O(C) parameters, for the price of one more forward
+    pass during backward. Inputs go through ``save_for_backward``, so saved-tensor hooks still see them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, fn: Callable[..., Tensor], *tensors: Optional[Tensor]) -> Tensor:
+        ctx.fn = fn
+        ctx.save_for_backward(*tensors)
+        with torch.no_grad():
+            return fn(*tensors)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
+        inputs = [t.detach().requires_grad_(need) if t is not None else None
+                  for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
+        wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[1:]) if t is not None and need]
+        with torch.enable_grad():
+            y = ctx.fn(*inputs)
+        grads = iter(torch.autograd.grad(y, wanted, dy, allow_unused=True)) if wanted else iter(())
+        return (None,) + tuple(next(grads) if t is not None and need else None
+                               for t, need in zip(inputs, ctx.needs_input_grad[1:]))
+
+
 def _check_common(name: str, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   v: Optional[Tensor], eps: float) -> int:
     _checks.check_input(name, input, _INPUT_DIMS, shape_hint=_SHAPE_HINT)
@@ -143,20 +175,26 @@ def evonorm_b0(
     use_batch = training or running_var is None
     if use_batch:
         _checks.check_batch_stats(name, input, input.numel() // c if input.numel() else 0)
-        inst, batch = merged_moments(input, lambda m: m.reduce(0), lambda mean: _per_channel(mean, input))
-        var_b = batch.var(0)
         if training and running_var is not None:
-            with torch.no_grad():
+            with torch.no_grad():  # exact batch moments from the statistics core
+                batch = kernels.prepare(input).rows.reduce(0)
                 running_var.lerp_(batch.var(1).to(running_var.dtype), momentum)
-    else:
-        inst = instance_moments(input)
-        var_b = running_var.to(inst.mean.dtype)  # type: ignore[union-attr]
-    acc = inst.mean.dtype
-    left = _per_channel(torch.sqrt(var_b + eps), input)
-    vx = input.to(acc) if v is None else input.to(acc) * _per_channel(v.to(acc), input)
-    right = vx + _per_channel(torch.sqrt(inst.var(0) + eps), input)
-    y = (input.to(acc) / torch.maximum(left, right)).to(input.dtype)
-    return _affine(y, weight, bias, input)
+    fixed_var = None if use_batch else running_var
+
+    def formula(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor]) -> Tensor:
+        if fixed_var is None:
+            inst, batch = merged_moments(x, lambda m: m.reduce(0), lambda mean: _per_channel(mean, x))
+            var_b = batch.var(0)
+        else:
+            inst = instance_moments(x)
+            var_b = fixed_var.to(inst.mean.dtype)
+        acc = inst.mean.dtype
+        left = _per_channel(torch.sqrt(var_b + eps), x)
+        vx = x.to(acc) if v is None else x.to(acc) * _per_channel(v.to(acc), x)
+        right = vx + _per_channel(torch.sqrt(inst.var(0) + eps), x)
+        return _affine((x.to(acc) / torch.maximum(left, right)).to(x.dtype), weight, bias, x)
+
+    return _Rematerialize.apply(formula, input, weight, bias, v)
 
 
 def evonorm_s0(
@@ -184,14 +222,15 @@ def evonorm_s0(
     def per_row(t: Tensor) -> Tensor:  # (N, G) -> (N, C)
         return t.unsqueeze(2).expand(n, groups, c // groups).reshape(n, c)
 
-    _, group = merged_moments(input, lambda m: m.reshape(n, groups, c // groups).reduce(2),
-                              lambda mean: _per_channel(per_row(mean), input))
-    rstd = per_row(torch.rsqrt(group.var(0) + eps))
-    acc = rstd.dtype
-    xa = input.to(acc)
-    gate = torch.sigmoid(xa if v is None else xa * _per_channel(v.to(acc), input))
-    y = (xa * gate * _per_channel(rstd, input)).to(input.dtype)
-    return _affine(y, weight, bias, input)
+    def formula(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor]) -> Tensor:
+        _, group = merged_moments(x, lambda m: m.reshape(n, groups, c // groups).reduce(2),
+                                  lambda mean: _per_channel(per_row(mean), x))
+        rstd = per_row(torch.rsqrt(group.var(0) + eps))
+        xa = x.to(rstd.dtype)
+        gate = torch.sigmoid(xa if v is None else xa * _per_channel(v.to(rstd.dtype), x))
+        return _affine((xa * gate * _per_channel(rstd, x)).to(x.dtype), weight, bias, x)
+
+    return _Rematerialize.apply(formula, input, weight, bias, v)
 
 
 class _EvoNorm(nn.Module):
