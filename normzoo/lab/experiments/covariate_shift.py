@@ -5,7 +5,7 @@ shift but a smoother optimization landscape. A ReLU MLP (4 hidden layers of 100)
 with SGD (lr 0.1, batch 64) with and without BN; every few steps, at the current weights ``theta`` with the
 mini-batch gradient ``g``:
 
-- **input shift** per layer: how much the distribution of each linear layer's input changes over one
+- **input shift** per layer (from the second linear layer on: the first one's input is the data): how much the distribution of each linear layer's input changes over one
   training step, on a fixed probe batch: ``mean_j |mu_j' - mu_j| + |s_j' - s_j|`` (per-feature mean and
   standard deviation, before and after the step), divided by ``mean_j s_j``;
 - **ICS** per layer, the paper's definition: ``||G_i - G_i'||`` between the gradient of layer ``i`` at
@@ -88,6 +88,8 @@ def measure(model: MLP, xb: torch.Tensor, yb: torch.Tensor, probe: torch.Tensor)
     before = _probe_stats(model, probe)
     ics, cos = [], []
     for i, (w, _) in enumerate(lin_params):
+        if i == 0:  # no layer before the first: its ICS is 0 by definition
+            continue
         earlier = {id(t) for pair in lin_params[:i] for t in pair}
         with torch.no_grad():
             for p, s, gi in zip(params, saved, g):
@@ -101,7 +103,7 @@ def measure(model: MLP, xb: torch.Tensor, yb: torch.Tensor, probe: torch.Tensor)
             p.copy_(s - LR * gi)
     after = _probe_stats(model, probe)
     out["input_shift"] = [float(((m1 - m0).abs().mean() + (s1 - s0).abs().mean()) / s0.mean().clamp_min(1e-12))
-                          for (m0, s0), (m1, s1) in zip(before, after)]
+                          for (m0, s0), (m1, s1) in list(zip(before, after))[1:]]  # the data never shift
     out["ics"], out["ics_cosine"] = ics, cos
     with torch.no_grad():
         for p, s in zip(params, saved):
@@ -144,9 +146,9 @@ def run(ctx: Context) -> Dict[str, Any]:
         for k in MEASURES:
             summary[f"{label}: median {k.replace('_', ' ')}"] = statistics.median(series[k])
         layers = list(zip(*series["input_shift"]))
-        summary[f"{label}: median input shift per step, by layer"] = [round(statistics.median(v), 4) for v in layers]
+        summary[f"{label}: median input shift per step, linear layers 2-5"] = [round(statistics.median(v), 4) for v in layers]
         ics = list(zip(*series["ics"]))
-        summary[f"{label}: median relative ICS (gradient change), by layer"] = [round(statistics.median(v), 4)
+        summary[f"{label}: median relative ICS (gradient change), linear layers 2-5"] = [round(statistics.median(v), 4)
                                                                               for v in ics]
         summary[f"{label}: final test acc"] = round(r["final"]["test_acc"], 4)
     out["summary"] = summary
@@ -181,12 +183,13 @@ def plot(n: Dict[str, Any], fig: Any) -> None:
     ax = fig.add_subplot(1, 4, 4)
     for lab in ("plain", "bn"):
         per_layer = list(zip(*n["runs"][lab]["input_shift"]))
-        ax.plot(range(1, len(per_layer) + 1), [statistics.median(v) for v in per_layer], "o-", color=colours[lab],
+        ax.plot(range(2, len(per_layer) + 2), [statistics.median(v) for v in per_layer], "o-", color=colours[lab],
                 label=f"{names[lab]}: input shift")
         per_layer = list(zip(*n["runs"][lab]["ics"]))
-        ax.plot(range(1, len(per_layer) + 1), [statistics.median(v) for v in per_layer], "s--", color=colours[lab],
+        ax.plot(range(2, len(per_layer) + 2), [statistics.median(v) for v in per_layer], "s--", color=colours[lab],
                 label=f"{names[lab]}: ICS (grad.)")
-    ax.set(xlabel="linear layer", title="median per-step change", yscale="log")
+    ax.set(xlabel="linear layer", title="median per-step change (relative)", yscale="log")
+    ax.set_xticks(range(2, len(per_layer) + 2))
     ax.legend(fontsize=7)
 
 
