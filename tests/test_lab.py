@@ -107,6 +107,24 @@ def test_resume_skips_finished(tmp_path, capsys):
     assert _results(tmp_path)["saturation"]["config"]["seed"] == 1
 
 
+def test_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
+    real = experiments.get
+
+    def interrupt(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiments, "get", lambda n: dataclasses.replace(real(n), run=interrupt)
+                        if n == "learning_rate" else real(n))
+    args = ["run", "saturation", "learning_rate", "--out", str(tmp_path), "--scale", str(TINY), "--workers", "1"]
+    assert cli.main(args) == 130  # Ctrl-C during the second experiment
+    assert "interrupted during learning_rate" in capsys.readouterr().err
+    assert list(_results(tmp_path)) == ["saturation"]  # the finished one was saved as it completed
+    monkeypatch.setattr(experiments, "get", real)
+    assert cli.main(args) == 0
+    assert "saturation: finished before" in capsys.readouterr().err
+    assert set(_results(tmp_path)) == {"saturation", "learning_rate"}
+
+
 def test_corrupt_results_are_kept_aside(tmp_path, capsys):
     bad = tmp_path / "results.json"
     bad.write_text("{ this is not json")
