@@ -110,7 +110,15 @@ class _ChannelNormFn(torch.autograd.Function):
         c = x.shape[1]
         ctx.policy, ctx.mode = policy, mode
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        ctx.fused_groups = 0
+        ctx.fused_groups, ctx.fused_batch = 0, False
+        if prepared is None and extra is None and policy.over == "batch" and mode != "rms" and native.supports(x):
+            # BatchNorm: both passes and the per-channel algebra in one native call (native.batch_forward)
+            y, mean_c, m2_c, rstd_c = native.batch_forward(x, weight, bias, eps, mode)
+            ctx.fused_batch, ctx.bias_dtype = True, bias.dtype if bias is not None else None
+            ctx.save_for_backward(x, weight, mean_c, rstd_c, None)
+            mean_g, m2_g = mean_c.view(1, c), m2_c.view(1, c)
+            ctx.mark_non_differentiable(mean_g, m2_g)
+            return y, mean_g, m2_g
         if prepared is None and extra is None and policy.over != "batch" and x.dim() > 2 and native.supports(x):
             # statistics local to a sample: one fused pass reads each block once (native.group_forward)
             groups = c if policy.over == "instance" else policy.groups
@@ -142,6 +150,11 @@ class _ChannelNormFn(torch.autograd.Function):
     @once_differentiable  # statistics are saved as constants: a second derivative must fail, not be wrong
     def backward(ctx: Any, dy: Tensor, _dmean: Tensor, _dm2: Tensor):  # type: ignore[override]
         x, weight, mean_g, rstd_g, shift = ctx.saved_tensors
+        if ctx.fused_batch:
+            dx, dgamma, dbeta = native.batch_backward(dy, x, weight, mean_g, rstd_g, ctx.mode)
+            dweight = dgamma.to(weight.dtype) if ctx.has_weight and ctx.needs_input_grad[1] else None
+            dbias = dbeta.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+            return dx, dweight, dbias, None, None, None, None, None
         policy: Policy = ctx.policy
         c = x.shape[1]
         rstd = policy.expand(rstd_g, c)

@@ -107,8 +107,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"nz_rownorm_backward_{suf}").argtypes = [P, P, P, I64, I64, P, I, P, P, P, I]
         getattr(lib, f"nz_group_forward_{suf}").argtypes = [P, P, I64, I64, I64, I64, I, P, P, D, I, P, P, P, I]
         getattr(lib, f"nz_group_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I64, I, P, I, P, P, P, P, I]
+        getattr(lib, f"nz_batch_forward_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, D, I, P, P, P, I]
+        getattr(lib, f"nz_batch_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, I, P, P, I]
         for name in ("moments", "affine", "grad_sums", "affine_grad", "rownorm_forward", "rownorm_backward",
-                     "group_forward", "group_backward"):
+                     "group_forward", "group_backward", "batch_forward", "batch_backward"):
             getattr(lib, f"nz_{name}_{suf}").restype = None
 
 
@@ -265,6 +267,35 @@ def group_backward(dy: Tensor, x: Tensor, groups: int, weight: Optional[Tensor],
     return dx, s1, s2
 
 
+# -- BatchNorm training, whole (the per-channel algebra in C too: one call each way) --------------------
+def batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                  mode: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BatchNorm of ``x`` ``(N, C, *S)`` with batch statistics: ``y`` and float64 ``(C,)`` ``mean``, ``M2``, ``rstd``."""
+    n, c, l = _dims(x)
+    y = torch.empty_like(x)
+    mean, m2, rstd = (torch.empty(c, dtype=torch.float64) for _ in range(3))
+    g, b = _vec(weight, c, 1.0), _vec(bias, c, 0.0)
+    _fn("batch_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), g.data_ptr(), b.data_ptr(),
+                                  float(eps), _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(),
+                                  _threads(x.numel()))
+    return y, mean, m2, rstd
+
+
+def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                   mode: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of :func:`batch_forward`: ``dx`` and float64 ``(C,)`` ``dgamma``, ``dbeta``."""
+    n, c, l = _dims(x)
+    dy = _like(x, dy)
+    dx = torch.empty_like(x)
+    dgamma = torch.empty(c, dtype=torch.float64)
+    dbeta = torch.empty(c, dtype=torch.float64)
+    g = _vec(weight, c, 1.0)
+    _fn("batch_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, layout(x), g.data_ptr(),
+                                   mean.data_ptr(), rstd.data_ptr(), _MODES[mode], dgamma.data_ptr(),
+                                   dbeta.data_ptr(), _threads(x.numel()))
+    return dx, dgamma, dbeta
+
+
 # -- the fused row passes (LayerNorm / RMSNorm over the last dims) ------------------------------------
 def _vec(t: Optional[Tensor], d: int, fill: float) -> Tensor:
     if t is None:
@@ -301,4 +332,4 @@ def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Te
 
 
 __all__ = ["library", "status", "supports", "layout", "moments", "affine", "grad_sums", "affine_grad",
-           "rownorm_forward", "rownorm_backward", "group_forward", "group_backward", "PARALLEL_THRESHOLD"]
+           "rownorm_forward", "rownorm_backward", "group_forward", "group_backward", "batch_forward", "batch_backward", "PARALLEL_THRESHOLD"]
