@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -68,9 +69,14 @@ def default_scale() -> float:
 
 
 class Progress:
-    """A one-line progress display on stderr (redrawn in place on a terminal, plain lines otherwise)."""
+    """A one-line progress display on stderr.
 
-    def __init__(self, stream: Optional[TextIO] = None, enabled: bool = True) -> None:
+    On a terminal the line ``[i/n] name [####....] done/total runs  12.3s`` is redrawn in place (and its
+    clock once a second by a daemon thread while an experiment runs); otherwise (a log file, CI) only one
+    plain line per experiment start and finish is written.
+    """
+
+    def __init__(self, stream: Optional[TextIO] = None, enabled: bool = True, tick: float = 1.0) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -78,45 +84,78 @@ class Progress:
         self._t0 = time.monotonic()
         self._last = 0.0
         self._width = 0
+        self._state: Tuple[int, int, str] = (0, 0, "")
+        self._lock = threading.Lock()
+        self._running = threading.Event()
+        self._tick = tick
+        self._thread: Optional[threading.Thread] = None
 
     def _write(self, text: str, newline: bool) -> None:
         if not self.enabled:
             return
-        if self.tty:
-            pad = max(self._width - len(text), 0)
-            self.stream.write("\r" + text + " " * pad + ("\n" if newline else ""))
-            self._width = 0 if newline else len(text)
-        elif newline:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        with self._lock:
+            if self.tty:
+                pad = max(self._width - len(text), 0)
+                self.stream.write("\r" + text + " " * pad + ("\n" if newline else ""))
+                self._width = 0 if newline else len(text)
+            elif newline:
+                self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def _draw(self) -> None:
+        done, total, note = self._state
+        frac = done / total if total else 0.0
+        bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+        self._write(f"{self._label} [{bar}] {done}/{total} {note} {time.monotonic() - self._t0:6.1f}s", newline=False)
+
+    def _ticker(self) -> None:
+        while not self._running.wait(self._tick):
+            self._draw()
 
     def start(self, index: int, total: int, name: str) -> None:
         self._label = f"[{index}/{total}] {name}"
         self._t0 = time.monotonic()
+        self._state = (0, 0, "")
         self._write(f"{self._label} ...", newline=not self.tty)
+        if self.tty and self._thread is None:
+            self._running.clear()
+            self._thread = threading.Thread(target=self._ticker, daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the clock thread (idempotent)."""
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._running.set()
+            self._thread.join()
+            self._thread = None
 
     def update(self, done: int, total: int, note: str = "") -> None:
+        self._state = (done, total, note)
         if not self.tty:
             return
         now = time.monotonic()
         if done < total and now - self._last < 0.1:
             return
         self._last = now
-        frac = done / total if total else 0.0
-        bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-        self._write(f"{self._label} [{bar}] {done}/{total} {note} {now - self._t0:5.1f}s", newline=False)
+        self._draw()
 
     def finish(self, result: "Result") -> None:
+        self._stop()
         extra = f" (needs {', '.join(result.missing)})" if result.missing else ""
         self._write(f"{self._label}: {result.verdict}{extra}  {result.elapsed_s:.1f}s", newline=True)
 
     def message(self, text: str) -> None:
+        self._stop()
         if self.enabled:
-            if self.tty and self._width:
-                self.stream.write("\n")
-                self._width = 0
-            self.stream.write(text + "\n")
-            self.stream.flush()
+            with self._lock:
+                if self.tty and self._width:
+                    self.stream.write("\n")
+                    self._width = 0
+                self.stream.write(text + "\n")
+                self.stream.flush()
 
 
 def _worker_init() -> None:
@@ -415,10 +454,10 @@ def run_experiments(names: Iterable[str], out: os.PathLike, quick: bool = True, 
     try:
         for i, exp in enumerate(exps, 1):
             old = results.get(exp.name)
-            progress.start(i, len(exps), exp.name)
             if not fresh and old is not None and old.finished_ok and old.config == config:
                 progress.message(f"[{i}/{len(exps)}] {exp.name}: finished before ({old.verdict}), kept")
                 continue
+            progress.start(i, len(exps), exp.name)
             t0 = time.monotonic()
             try:
                 result = _execute(exp, Context(quick=quick, seed=seed, scale=scale, pool=pool, progress=progress))
@@ -436,6 +475,7 @@ def run_experiments(names: Iterable[str], out: os.PathLike, quick: bool = True, 
             write_html(out, results)
             progress.finish(result)
     finally:
+        progress.close()
         pool.close()
     write_html(out, results)
     return results

@@ -62,7 +62,8 @@ def _renorm_schedule(net: Any, steps: int) -> Any:
 
 
 def train_one(norm: str, batch_size: int, ghost: int, seed: int, steps: int) -> Dict[str, Any]:
-    r = train_conv(norm, batch_size, seed, steps, ghost=ghost)
+    kw = {"burn_in": max(4, steps // 20)} if norm == "cbn" else None  # the paper's burn-in, scaled to the run
+    r = train_conv(norm, batch_size, seed, steps, ghost=ghost, norm_kwargs=kw)
     return {k: r[k] for k in ("test_acc", "train_acc", "diverged", "steps")}
 
 
