@@ -27,7 +27,6 @@ an experiment that needs them is *pending* until they exist (see :func:`missing`
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch

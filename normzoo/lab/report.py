@@ -67,7 +67,8 @@ color:#202124;line-height:1.45}
 h1{margin-bottom:.2em} .meta{color:#5f6368;font-size:.9em}
 table{border-collapse:collapse;margin:.6em 0} td,th{border:1px solid #dadce0;padding:.25em .6em;text-align:left;
 vertical-align:top;font-size:.92em} th{background:#f1f3f4}
-.badge{display:inline-block;color:#fff;border-radius:1em;padding:.05em .7em;font-size:.85em;font-weight:600}
+.badge{display:inline-block;color:#fff;border-radius:1em;padding:.05em .7em;font-size:.85em;font-weight:600;
+white-space:nowrap}
 section{border-top:2px solid #e8eaed;margin-top:2em;padding-top:.6em}
 .finding{background:#f8f9fa;border-left:4px solid #5f6368;padding:.4em .8em}
 .warn{background:#fce8e6;border-left:4px solid #b3261e;padding:.4em .8em}

@@ -102,7 +102,7 @@ def judge(n: Dict[str, Any]) -> Tuple[str, str]:
             f"the median relative error is {max(med['carried']):.2e} carried over vs {min(med['fresh']):.2e} for a "
             "fresh one-iteration estimate (worst/best layer)")
     if len(n["still"]["carried"][0]) < 2 * WITHIN:
-        return "inconclusive", f"too few steps to judge: " + text
+        return "inconclusive", "too few steps to judge: " + text
     if all(c is not None and c <= WITHIN for c in conv) and max(med["carried"]) < min(med["fresh"]):
         return "reproduced", text
     return "not reproduced", text
