@@ -144,7 +144,13 @@ def _enabled() -> bool:
 
 # -- layouts -----------------------------------------------------------------------------------------
 def layout(x: Tensor) -> Optional[int]:
-    """0 for (N, C, *S) contiguous, 1 for channels_last (N, *S, C) contiguous, None for anything else."""
+    """0 for (N, C, *S) contiguous, 1 for channels_last (N, *S, C) contiguous, None for anything else.
+
+    A contiguous ``(N, C)`` tensor counts as channels_last (``S`` empty): its kernels then run along C,
+    vectorized, instead of over N * C rows of one element.
+    """
+    if x.dim() == 2 and x.is_contiguous():
+        return 1
     if x.is_contiguous():
         return 0
     if x.dim() >= 3 and x.movedim(1, -1).is_contiguous():
