@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from normzoo import kernels, native
+from normzoo import _checks, kernels, native
 from normzoo.stats import Moments, ill_conditioned
 
 
@@ -232,8 +232,6 @@ def batch_or_running(name: str, x: Tensor, running_mean: Optional[Tensor], runni
     """Per-(n, c) moments of ``x`` and the BatchNorm statistics to use: batch statistics in training or
     without running statistics (then more than one value per channel is required), else the running ones.
     Methods that mix BN with per-sample statistics (Batch-Instance Norm, Switchable Norm) start here."""
-    from normzoo import _checks
-
     c = x.shape[1]
     use_batch = training or running_mean is None or running_var is None
     if use_batch:

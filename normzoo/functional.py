@@ -55,9 +55,7 @@ def _batch_norm_impl(name: str, input: Tensor, running_mean: Optional[Tensor], r
     if not use_batch:
         return fixed_affine(input, running_mean, running_var, weight, bias, eps, mean_only=mode == "mean")
     count = input.numel() // c if input.numel() else 0
-    if mode != "mean":
-        _checks.check_batch_stats(name, input, count)
-    elif count == 0:
+    if mode != "mean" or count == 0:  # mean-only BN is defined for a single value per channel
         _checks.check_batch_stats(name, input, count)
     y, batch = channel_norm(input, weight, bias, Policy("batch"), eps, mode=mode)
     if training and (running_mean is not None or running_var is not None):

@@ -56,9 +56,6 @@ class Prepared:
     shift: Optional[Tensor]
     exact: bool = False
 
-    def shift_or_zero(self) -> Tensor:
-        return self.shift if self.shift is not None else torch.zeros_like(self.rows.mean)
-
 
 def prepare(x: Tensor, shift: Optional[Tensor] = None) -> Prepared:
     """Per-(n, c) moments of ``x`` over its spatial dims, centring ill-conditioned rows.
