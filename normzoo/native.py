@@ -109,6 +109,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"nz_group_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I64, I, P, I, P, P, P, P, I]
         getattr(lib, f"nz_batch_forward_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, D, I, P, P, P, I]
         getattr(lib, f"nz_batch_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, I, P, P, I]
+        lib.nz_set_stream_min.argtypes = [I64]
+        lib.nz_set_stream_min.restype = I64
         for name in ("moments", "affine", "grad_sums", "affine_grad", "rownorm_forward", "rownorm_backward",
                      "group_forward", "group_backward", "batch_forward", "batch_backward"):
             getattr(lib, f"nz_{name}_{suf}").restype = None
@@ -131,6 +133,19 @@ def library() -> Optional[ctypes.CDLL]:
                     print(f"normzoo: native kernels unavailable, using PyTorch operations ({exc})", file=sys.stderr)
             _loaded = True
     return _lib
+
+
+def set_stream_min(nbytes: int) -> int:
+    """Write outputs of at least ``nbytes`` bytes with non-temporal stores (``-1``: never); returns the old value.
+
+    Default 8 MiB: an output that large will not stay cached for the layer that reads it next, and
+    streaming stores skip reading every destination line before writing it and leave the caches to the
+    input, which the fused kernels read twice. Below it, ordinary stores keep the output cached.
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"set_stream_min: the native kernels are unavailable ({_why_not})")
+    return int(lib.nz_set_stream_min(int(nbytes)))
 
 
 def status() -> str:
@@ -337,5 +352,5 @@ def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Te
     return dx, sums[0], sums[1]
 
 
-__all__ = ["library", "status", "supports", "layout", "moments", "affine", "grad_sums", "affine_grad",
+__all__ = ["library", "status", "set_stream_min", "supports", "layout", "moments", "affine", "grad_sums", "affine_grad",
            "rownorm_forward", "rownorm_backward", "group_forward", "group_backward", "batch_forward", "batch_backward", "PARALLEL_THRESHOLD"]

@@ -24,6 +24,20 @@ def threaded(monkeypatch):
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=[False, True], ids=["cached", "streaming"])
+def streaming(request):
+    """Both store paths: ordinary stores, and non-temporal stores (normally for outputs of 8 MiB or more)
+    on every output, so that their unaligned heads and tails run on these small tensors."""
+    if not request.param:
+        yield False
+        return
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    old = native.set_stream_min(0)
+    yield True
+    native.set_stream_min(old)
+
+
 @pytest.fixture
 def fallback(monkeypatch):
     """Run the code under test with the native kernels switched off."""
@@ -54,7 +68,7 @@ def _fwd_bwd(fn, x, w, b, g):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(3, 8, 5, 7), (16, 8, 32, 33)])
-def test_native_equals_fallback(name, dtype, channels_last, shape, fallback):
+def test_native_equals_fallback(name, dtype, channels_last, shape, fallback, streaming):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=gen) * 2 + 1.5).to(dtype)
     if channels_last:
@@ -73,7 +87,7 @@ def test_native_equals_fallback(name, dtype, channels_last, shape, fallback):
 
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("rows", [5, 4096])  # threads split the rows, with per-thread column sums
-def test_row_kernels_equal_fallback(rms, rows, fallback):
+def test_row_kernels_equal_fallback(rms, rows, fallback, streaming):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(rows, 96, generator=gen, dtype=torch.float64) + 0.7
     w, b = torch.randn(96, generator=gen, dtype=torch.float64), torch.randn(96, generator=gen, dtype=torch.float64)
