@@ -113,3 +113,53 @@ def test_bfloat16_rounding_is_to_nearest_even_and_keeps_nan():
     x = torch.tensor([[1.0, float("nan"), -3.0, 2.5]], dtype=torch.bfloat16).view(1, 1, 4).expand(2, 1, 4).contiguous()
     y = native.affine(x, torch.ones(2, 1), torch.zeros(2, 1), torch.zeros(2, 1))
     assert torch.isnan(y[0, 0, 1]) and torch.equal(y[:, :, [0, 2, 3]], x[:, :, [0, 2, 3]])
+
+
+def _bn_in_child(x, want, queue) -> None:
+    # only normzoo's kernels and NumPy run here: torch's own OpenMP pool hangs in a forked child
+    torch.set_num_threads(2)
+    y = F.batch_norm(x, None, None, training=True)
+    queue.put(float(abs(y.numpy() - want.numpy()).max()))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_worker_pool_survives_fork():
+    """The kernels' worker threads do not exist in a forked child: it must start its own, not hang."""
+    import multiprocessing as mp
+
+    x = torch.randn(64, 16, 32, 32, generator=torch.Generator().manual_seed(3))
+    want = torch.nn.functional.batch_norm(x, None, None, training=True)
+    F.batch_norm(x, None, None, training=True)  # the parent's workers are running
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_bn_in_child, args=(x, want, queue))
+    proc.start()
+    proc.join(timeout=60)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail("the forked child hung in a native kernel")
+    assert proc.exitcode == 0 and queue.get(timeout=5) < 1e-4
+
+
+def test_concurrent_callers_share_the_pool():
+    """Python threads calling kernels at once (ctypes releases the GIL): one owns the pool, the others run
+    alone; every result is right."""
+    import threading
+
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(32, 8, 40, 40, generator=gen) * (i + 1) for i in range(6)]
+    want = [torch.nn.functional.group_norm(x, 4) for x in xs]
+    got = [None] * len(xs)
+
+    def work(i: int) -> None:
+        for _ in range(5):
+            got[i] = F.group_norm(xs[i], 4)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
