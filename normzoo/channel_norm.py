@@ -110,11 +110,12 @@ class _ChannelNormFn(torch.autograd.Function):
         c = x.shape[1]
         ctx.policy, ctx.mode = policy, mode
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.fused_groups, ctx.fused_batch = 0, False
         if prepared is None and extra is None and policy.over == "batch" and mode != "rms" and native.supports(x):
             # BatchNorm: both passes and the per-channel algebra in one native call (native.batch_forward)
             y, mean_c, m2_c, rstd_c = native.batch_forward(x, weight, bias, eps, mode)
-            ctx.fused_batch, ctx.bias_dtype = True, bias.dtype if bias is not None else None
+            ctx.fused_batch = True
             ctx.save_for_backward(x, weight, mean_c, rstd_c, None)
             mean_g, m2_g = mean_c.view(1, c), m2_c.view(1, c)
             ctx.mark_non_differentiable(mean_g, m2_g)
@@ -150,25 +151,24 @@ class _ChannelNormFn(torch.autograd.Function):
     @once_differentiable  # statistics are saved as constants: a second derivative must fail, not be wrong
     def backward(ctx: Any, dy: Tensor, _dmean: Tensor, _dm2: Tensor):  # type: ignore[override]
         x, weight, mean_g, rstd_g, shift = ctx.saved_tensors
-        if ctx.fused_batch:
-            dx, dgamma, dbeta = native.batch_backward(dy, x, weight, mean_g, rstd_g, ctx.mode)
-            dweight = dgamma.to(weight.dtype) if ctx.has_weight and ctx.needs_input_grad[1] else None
-            dbias = dbeta.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        want_w, want_b = ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.fused_batch or ctx.fused_groups:  # the parameter gradients come out of the kernel too
+            if ctx.fused_batch:
+                dx, dweight, dbias = native.batch_backward(dy, x, weight, mean_g, rstd_g, ctx.mode, want_w, want_b)
+            else:
+                dx, dweight, dbias = native.group_backward(dy, x, ctx.fused_groups, weight, mean_g, rstd_g, ctx.mode,
+                                                           want_w, want_b)
+            dweight = dweight.to(weight.dtype) if want_w else None
+            dbias = dbias.to(ctx.bias_dtype) if want_b else None
             return dx, dweight, dbias, None, None, None, None, None
         policy: Policy = ctx.policy
         c = x.shape[1]
         rstd = policy.expand(rstd_g, c)
-        if ctx.fused_groups:
-            dx, s1, s2 = native.group_backward(dy, x, ctx.fused_groups, weight, mean_g, rstd_g, ctx.mode)
-            a_sum = rstd * s2
-            dweight = a_sum.sum(0) if ctx.has_weight and ctx.needs_input_grad[1] else None
-            dbias = s1.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-            return dx, dweight, dbias, None, None, None, None, None
         centre = _centre(mean_g, shift, policy, c, ctx.mode)  # x_hat = (x - centre) * rstd
         s1, s2 = kernels.grad_sums(dy, x, centre)
         a_sum = rstd * s2  # per (n, c): sum_S dy * x_hat
-        dweight = a_sum.sum(0) if ctx.has_weight and ctx.needs_input_grad[1] else None
-        dbias = s1.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dweight = a_sum.sum(0) if want_w else None
+        dbias = s1.sum(0) if want_b else None
         dx = None
         if ctx.needs_input_grad[0]:
             count = ctx.count

@@ -104,7 +104,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"nz_grad_sums_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, P, I]
         getattr(lib, f"nz_affine_grad_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, P, I]
         getattr(lib, f"nz_rownorm_forward_{suf}").argtypes = [P, P, I64, I64, P, P, D, I, P, P, I]
-        getattr(lib, f"nz_rownorm_backward_{suf}").argtypes = [P, P, P, I64, I64, P, I, P, P, P, I]
+        getattr(lib, f"nz_rownorm_backward_{suf}").argtypes = [P, P, P, I64, I64, P, I, P, P, P, P, I]
         getattr(lib, f"nz_group_forward_{suf}").argtypes = [P, P, I64, I64, I64, I64, I, P, P, D, I, P, P, P, I]
         getattr(lib, f"nz_group_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I64, I, P, I, P, P, P, P, I]
         getattr(lib, f"nz_batch_forward_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, D, I, P, P, P, I]
@@ -255,6 +255,41 @@ def affine_grad(dy: Tensor, x: Tensor, k1: Tensor, k2: Tensor, centre: Tensor, k
     return dx
 
 
+# -- affine parameters in, their gradients out -------------------------------------------------------
+def _arith(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' arithmetic type for ``dtype`` input: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _param(t: Optional[Tensor], dtype: torch.dtype, size: int) -> Tuple[Optional[Tensor], Optional[int]]:
+    """A weight or bias for the kernels: ``(tensor kept alive, data pointer)`` in the arithmetic type of
+    ``dtype`` input, flattened to ``size``; ``(None, None)`` (a NULL pointer: ones or zeros) when absent.
+    A float32 parameter of float32 or bfloat16 input is passed as it is, without a conversion."""
+    if t is None:
+        return None, None
+    want = _arith(dtype)
+    if t.dtype != want or not t.is_contiguous() or t.dim() != 1:
+        t = t.detach().reshape(size).to(want).contiguous()
+    return t, t.data_ptr()
+
+
+def _param_grads(c: int, dtype: torch.dtype, dgamma: bool, dbeta: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Buffers for the kernels' ``dgamma``/``dbeta`` outputs (arithmetic type), ``None`` where not wanted."""
+    if not (dgamma or dbeta):
+        return None, None
+    out = torch.empty(2, c, dtype=_arith(dtype))
+    return (out[0] if dgamma else None), (out[1] if dbeta else None)
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _stats(count: int, *shape: int) -> Tuple[Tensor, ...]:
+    """``count`` float64 statistics arrays of ``shape``, views of one allocation."""
+    return tuple(torch.empty(count, *shape, dtype=torch.float64).unbind(0))
+
+
 # -- the fused group passes (statistics local to a sample: IN, GN, channel-first LN) ------------------
 _MODES = {"standard": 0, "mean": 1, "rms": 2}
 
@@ -265,27 +300,27 @@ def group_forward(x: Tensor, groups: int, weight: Optional[Tensor], bias: Option
     group ``mean``, ``M2`` and ``rstd``. Reads ``x`` once from memory (the block stays in cache)."""
     n, c, l = _dims(x)
     y = torch.empty_like(x)
-    mean, m2, rstd = (torch.empty(n, groups, dtype=torch.float64) for _ in range(3))
-    g, b = _vec(weight, c, 1.0), _vec(bias, c, 0.0)
-    _fn("group_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, groups, layout(x), g.data_ptr(), b.data_ptr(),
-                                  float(eps), _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(),
-                                  _threads(x.numel()))
+    mean, m2, rstd = _stats(3, n, groups)
+    (g, gp), (b, bp) = _param(weight, x.dtype, c), _param(bias, x.dtype, c)
+    _fn("group_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, groups, layout(x), gp, bp, float(eps),
+                                  _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
     return y, mean, m2, rstd
 
 
 def group_backward(dy: Tensor, x: Tensor, groups: int, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                   mode: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """Fused backward of :func:`group_forward`: ``dx`` and per-(n, c) ``sum dy``, ``sum dy * (x - centre)``."""
+                   mode: str, dgamma: bool = True,
+                   dbeta: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Fused backward of :func:`group_forward`: ``dx``, and where asked for ``dgamma = sum dy * x_hat`` and
+    ``dbeta = sum dy`` per channel (float32, float64 for float64 input)."""
     n, c, l = _dims(x)
     dy = _like(x, dy)
     dx = torch.empty_like(x)
-    s1 = torch.empty(n, c, dtype=torch.float64)
-    s2 = torch.empty(n, c, dtype=torch.float64)
-    g = _vec(weight, c, 1.0)
-    _fn("group_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, groups, layout(x),
-                                   g.data_ptr(), _MODES[mode], mean.contiguous().data_ptr(),
-                                   rstd.contiguous().data_ptr(), s1.data_ptr(), s2.data_ptr(), _threads(x.numel()))
-    return dx, s1, s2
+    g, gp = _param(weight, x.dtype, c)
+    dg, db = _param_grads(c, x.dtype, dgamma, dbeta)
+    _fn("group_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, groups, layout(x), gp,
+                                   _MODES[mode], mean.contiguous().data_ptr(), rstd.contiguous().data_ptr(),
+                                   _ptr(dg), _ptr(db), _threads(x.numel()))
+    return dx, dg, db
 
 
 # -- BatchNorm training, whole (the per-channel algebra in C too: one call each way) --------------------
@@ -294,62 +329,54 @@ def batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     """BatchNorm of ``x`` ``(N, C, *S)`` with batch statistics: ``y`` and float64 ``(C,)`` ``mean``, ``M2``, ``rstd``."""
     n, c, l = _dims(x)
     y = torch.empty_like(x)
-    mean, m2, rstd = (torch.empty(c, dtype=torch.float64) for _ in range(3))
-    g, b = _vec(weight, c, 1.0), _vec(bias, c, 0.0)
-    _fn("batch_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), g.data_ptr(), b.data_ptr(),
-                                  float(eps), _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(),
-                                  _threads(x.numel()))
+    mean, m2, rstd = _stats(3, c)
+    (g, gp), (b, bp) = _param(weight, x.dtype, c), _param(bias, x.dtype, c)
+    _fn("batch_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), gp, bp, float(eps), _MODES[mode],
+                                  mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
     return y, mean, m2, rstd
 
 
-def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                   mode: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """Backward of :func:`batch_forward`: ``dx`` and float64 ``(C,)`` ``dgamma``, ``dbeta``."""
+def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, mode: str,
+                   dgamma: bool = True, dbeta: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Backward of :func:`batch_forward`: ``dx``, and where asked for ``(C,)`` ``dgamma``, ``dbeta`` (float32,
+    float64 for float64 input)."""
     n, c, l = _dims(x)
     dy = _like(x, dy)
     dx = torch.empty_like(x)
-    dgamma = torch.empty(c, dtype=torch.float64)
-    dbeta = torch.empty(c, dtype=torch.float64)
-    g = _vec(weight, c, 1.0)
-    _fn("batch_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, layout(x), g.data_ptr(),
-                                   mean.data_ptr(), rstd.data_ptr(), _MODES[mode], dgamma.data_ptr(),
-                                   dbeta.data_ptr(), _threads(x.numel()))
-    return dx, dgamma, dbeta
+    g, gp = _param(weight, x.dtype, c)
+    dg, db = _param_grads(c, x.dtype, dgamma, dbeta)
+    _fn("batch_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, layout(x), gp,
+                                   mean.data_ptr(), rstd.data_ptr(), _MODES[mode], _ptr(dg), _ptr(db),
+                                   _threads(x.numel()))
+    return dx, dg, db
 
 
 # -- the fused row passes (LayerNorm / RMSNorm over the last dims) ------------------------------------
-def _vec(t: Optional[Tensor], d: int, fill: float) -> Tensor:
-    if t is None:
-        return torch.full((d,), fill, dtype=torch.float64)
-    return t.detach().reshape(d).to(torch.float64).contiguous()
-
 
 def rownorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                     rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Rows ``x`` of shape ``(R, D)`` (contiguous): ``y``, per-row ``centre`` and ``rstd`` (float64 ``(R,)``)."""
     r, d = x.shape
     y = torch.empty_like(x)
-    centre = torch.empty(r, dtype=torch.float64)
-    rstd = torch.empty(r, dtype=torch.float64)
-    g, b = _vec(weight, d, 1.0), _vec(bias, d, 0.0)
-    _fn("rownorm_forward", x.dtype)(x.data_ptr(), y.data_ptr(), r, d, g.data_ptr(), b.data_ptr(), float(eps),
-                                    int(rms), centre.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
+    centre, rstd = _stats(2, r)
+    (g, gp), (b, bp) = _param(weight, x.dtype, d), _param(bias, x.dtype, d)
+    _fn("rownorm_forward", x.dtype)(x.data_ptr(), y.data_ptr(), r, d, gp, bp, float(eps), int(rms),
+                                    centre.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
     return y, centre, rstd
 
 
-def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Tensor, rstd: Tensor,
-                     rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """``dx`` (like ``x``), and the column sums ``dgamma = sum dy * x_hat``, ``dbeta = sum dy`` (float64 ``(D,)``)."""
+def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Tensor, rstd: Tensor, rms: bool,
+                     dgamma: bool = True, dbeta: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``dx`` (like ``x``), and where asked for the column sums ``dgamma = sum dy * x_hat``, ``dbeta = sum dy``
+    (``(D,)``, float32, float64 for float64 input)."""
     r, d = x.shape
     dy = dy.to(x.dtype).contiguous()
     dx = torch.empty_like(x)
-    threads = _threads(x.numel())
-    partial = torch.zeros(max(1, min(threads, r)), 2, d, dtype=torch.float64)
-    g = _vec(weight, d, 1.0)
-    _fn("rownorm_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), r, d, g.data_ptr(), int(rms),
-                                     centre.data_ptr(), rstd.data_ptr(), partial.data_ptr(), threads)
-    sums = partial.sum(0)
-    return dx, sums[0], sums[1]
+    g, gp = _param(weight, x.dtype, d)
+    dg, db = _param_grads(d, x.dtype, dgamma, dbeta)
+    _fn("rownorm_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), r, d, gp, int(rms),
+                                     centre.data_ptr(), rstd.data_ptr(), _ptr(dg), _ptr(db), _threads(x.numel()))
+    return dx, dg, db
 
 
 __all__ = ["library", "status", "set_stream_min", "supports", "layout", "moments", "affine", "grad_sums", "affine_grad",

@@ -30,6 +30,7 @@ class _RowNormFn(torch.autograd.Function):
         y, centre, rstd = native.rownorm_forward(x, weight, bias, eps, rms)
         ctx.rms = rms
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(x, weight, centre, rstd)
         return y
 
@@ -37,9 +38,10 @@ class _RowNormFn(torch.autograd.Function):
     @once_differentiable  # the row statistics are saved as constants: no silent wrong second derivative
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
         x, weight, centre, rstd = ctx.saved_tensors
-        dx, dgamma, dbeta = native.rownorm_backward(dy, x, weight, centre, rstd, ctx.rms)
-        dw = dgamma.to(weight.dtype) if ctx.has_weight and ctx.needs_input_grad[1] else None
-        db = dbeta.to(weight.dtype if weight is not None else x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        want_w, want_b = ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        dx, dgamma, dbeta = native.rownorm_backward(dy, x, weight, centre, rstd, ctx.rms, want_w, want_b)
+        dw = dgamma.to(weight.dtype) if want_w else None
+        db = dbeta.to(ctx.bias_dtype) if want_b else None
         return (dx if ctx.needs_input_grad[0] else None), dw, db, None, None
 
 
