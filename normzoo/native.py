@@ -261,16 +261,16 @@ def _arith(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _param(t: Optional[Tensor], dtype: torch.dtype, size: int) -> Tuple[Optional[Tensor], Optional[int]]:
-    """A weight or bias for the kernels: ``(tensor kept alive, data pointer)`` in the arithmetic type of
-    ``dtype`` input, flattened to ``size``; ``(None, None)`` (a NULL pointer: ones or zeros) when absent.
-    A float32 parameter of float32 or bfloat16 input is passed as it is, without a conversion."""
+def _param(t: Optional[Tensor], dtype: torch.dtype, size: int) -> Optional[Tensor]:
+    """A weight or bias for the kernels, flattened to ``size``, in the arithmetic type of ``dtype`` input;
+    ``None`` (a NULL pointer: ones or zeros) when absent. A float32 parameter of float32 or bfloat16 input
+    is passed as it is, without a conversion."""
     if t is None:
-        return None, None
+        return None
     want = _arith(dtype)
     if t.dtype != want or not t.is_contiguous() or t.dim() != 1:
         t = t.detach().reshape(size).to(want).contiguous()
-    return t, t.data_ptr()
+    return t
 
 
 def _param_grads(c: int, dtype: torch.dtype, dgamma: bool, dbeta: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -301,9 +301,9 @@ def group_forward(x: Tensor, groups: int, weight: Optional[Tensor], bias: Option
     n, c, l = _dims(x)
     y = torch.empty_like(x)
     mean, m2, rstd = _stats(3, n, groups)
-    (g, gp), (b, bp) = _param(weight, x.dtype, c), _param(bias, x.dtype, c)
-    _fn("group_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, groups, layout(x), gp, bp, float(eps),
-                                  _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
+    g, b = _param(weight, x.dtype, c), _param(bias, x.dtype, c)
+    _fn("group_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, groups, layout(x), _ptr(g), _ptr(b),
+                                  float(eps), _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
     return y, mean, m2, rstd
 
 
@@ -315,9 +315,9 @@ def group_backward(dy: Tensor, x: Tensor, groups: int, weight: Optional[Tensor],
     n, c, l = _dims(x)
     dy = _like(x, dy)
     dx = torch.empty_like(x)
-    g, gp = _param(weight, x.dtype, c)
+    g = _param(weight, x.dtype, c)
     dg, db = _param_grads(c, x.dtype, dgamma, dbeta)
-    _fn("group_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, groups, layout(x), gp,
+    _fn("group_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, groups, layout(x), _ptr(g),
                                    _MODES[mode], mean.contiguous().data_ptr(), rstd.contiguous().data_ptr(),
                                    _ptr(dg), _ptr(db), _threads(x.numel()))
     return dx, dg, db
@@ -330,9 +330,9 @@ def batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     n, c, l = _dims(x)
     y = torch.empty_like(x)
     mean, m2, rstd = _stats(3, c)
-    (g, gp), (b, bp) = _param(weight, x.dtype, c), _param(bias, x.dtype, c)
-    _fn("batch_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), gp, bp, float(eps), _MODES[mode],
-                                  mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
+    g, b = _param(weight, x.dtype, c), _param(bias, x.dtype, c)
+    _fn("batch_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), _ptr(g), _ptr(b), float(eps),
+                                  _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
     return y, mean, m2, rstd
 
 
@@ -343,9 +343,9 @@ def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor
     n, c, l = _dims(x)
     dy = _like(x, dy)
     dx = torch.empty_like(x)
-    g, gp = _param(weight, x.dtype, c)
+    g = _param(weight, x.dtype, c)
     dg, db = _param_grads(c, x.dtype, dgamma, dbeta)
-    _fn("batch_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, layout(x), gp,
+    _fn("batch_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, layout(x), _ptr(g),
                                    mean.data_ptr(), rstd.data_ptr(), _MODES[mode], _ptr(dg), _ptr(db),
                                    _threads(x.numel()))
     return dx, dg, db
@@ -359,8 +359,8 @@ def rownorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     r, d = x.shape
     y = torch.empty_like(x)
     centre, rstd = _stats(2, r)
-    (g, gp), (b, bp) = _param(weight, x.dtype, d), _param(bias, x.dtype, d)
-    _fn("rownorm_forward", x.dtype)(x.data_ptr(), y.data_ptr(), r, d, gp, bp, float(eps), int(rms),
+    g, b = _param(weight, x.dtype, d), _param(bias, x.dtype, d)
+    _fn("rownorm_forward", x.dtype)(x.data_ptr(), y.data_ptr(), r, d, _ptr(g), _ptr(b), float(eps), int(rms),
                                     centre.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
     return y, centre, rstd
 
@@ -372,12 +372,13 @@ def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Te
     r, d = x.shape
     dy = dy.to(x.dtype).contiguous()
     dx = torch.empty_like(x)
-    g, gp = _param(weight, x.dtype, d)
+    g = _param(weight, x.dtype, d)
     dg, db = _param_grads(d, x.dtype, dgamma, dbeta)
-    _fn("rownorm_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), r, d, gp, int(rms),
+    _fn("rownorm_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), r, d, _ptr(g), int(rms),
                                      centre.data_ptr(), rstd.data_ptr(), _ptr(dg), _ptr(db), _threads(x.numel()))
     return dx, dg, db
 
 
-__all__ = ["library", "status", "set_stream_min", "supports", "layout", "moments", "affine", "grad_sums", "affine_grad",
-           "rownorm_forward", "rownorm_backward", "group_forward", "group_backward", "batch_forward", "batch_backward", "PARALLEL_THRESHOLD"]
+__all__ = ["library", "status", "set_stream_min", "supports", "layout", "moments", "affine", "grad_sums",
+           "affine_grad", "rownorm_forward", "rownorm_backward", "group_forward", "group_backward", "batch_forward",
+           "batch_backward", "PARALLEL_THRESHOLD"]
