@@ -303,7 +303,8 @@ def group_forward(x: Tensor, groups: int, weight: Optional[Tensor], bias: Option
     mean, m2, rstd = _stats(3, n, groups)
     g, b = _param(weight, x.dtype, c), _param(bias, x.dtype, c)
     _fn("group_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, groups, layout(x), _ptr(g), _ptr(b),
-                                  float(eps), _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
+                                  float(eps), _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(),
+                                  _threads(x.numel()))
     return y, mean, m2, rstd
 
 
