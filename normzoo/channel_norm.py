@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from normzoo import _checks, kernels, native
+from normzoo.running import Running
 from normzoo.stats import Moments, ill_conditioned
 
 
@@ -103,31 +104,37 @@ def _with_weight(t: Tensor, weight: Optional[Tensor]) -> Tensor:
 
 
 class _ChannelNormFn(torch.autograd.Function):
+    """The autograd op behind :func:`channel_norm`. Its one output is ``y``: the group moments, constants
+    for autograd, go to the caller through ``out`` (a list that receives ``mean, m2, running_done``), which
+    keeps the op as light as torch's own norms in the autograd engine (no outputs to wrap, no zero
+    gradients to materialize for them)."""
+
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], policy: Policy,
-                eps: float, mode: str, prepared: Optional[kernels.Prepared],
-                extra: Optional[Moments]) -> Tuple[Tensor, Tensor, Tensor]:
+                eps: float, mode: str, prepared: Optional[kernels.Prepared], extra: Optional[Moments],
+                running: Optional[Running], out: list) -> Tensor:
         c = x.shape[1]
         ctx.policy, ctx.mode = policy, mode
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.fused_groups, ctx.fused_batch = 0, False
         if prepared is None and extra is None and policy.over == "batch" and mode != "rms" and native.supports(x):
-            # BatchNorm: both passes and the per-channel algebra in one native call (native.batch_forward)
-            y, mean_c, m2_c, rstd_c = native.batch_forward(x, weight, bias, eps, mode)
+            # BatchNorm: both passes, the per-channel algebra and the running statistics in one native call
+            in_c = running is not None and native.running_update_applies(running.mean, running.var)
+            y, mean_c, m2_c, rstd_c = native.batch_forward(
+                x, weight, bias, eps, mode, *((running.mean, running.var, running.momentum) if in_c else ()))
             ctx.fused_batch = True
             ctx.save_for_backward(x, weight, mean_c, rstd_c, None)
-            mean_g, m2_g = mean_c.view(1, c), m2_c.view(1, c)
-            ctx.mark_non_differentiable(mean_g, m2_g)
-            return y, mean_g, m2_g
+            out += [mean_c.view(1, c), m2_c.view(1, c), in_c]
+            return y
         if prepared is None and extra is None and policy.over != "batch" and x.dim() > 2 and native.supports(x):
             # statistics local to a sample: one fused pass reads each block once (native.group_forward)
             groups = c if policy.over == "instance" else policy.groups
             y, mean_g, m2_g, rstd_g = native.group_forward(x, groups, weight, bias, eps, mode)
             ctx.fused_groups, ctx.count = groups, policy.group_count(x)
             ctx.save_for_backward(x, weight, mean_g, rstd_g, None)
-            ctx.mark_non_differentiable(mean_g, m2_g)
-            return y, mean_g, m2_g
+            out += [mean_g, m2_g, False]
+            return y
         p = prepared if prepared is not None else kernels.prepare(x)
         group = policy.reduce(p.rows)
         if x.dim() == 2 and not p.exact and p.shift is None and bool(ill_conditioned(group, x.dtype).any()):
@@ -144,12 +151,12 @@ class _ChannelNormFn(torch.autograd.Function):
         ctx.count = group.count
         # saved: the tensor the forward read, and per-group statistics (per-(n, c) only for a shift)
         ctx.save_for_backward(p.x, weight, group.mean, rstd_g, p.shift)
-        ctx.mark_non_differentiable(group.mean, group.m2)
-        return y, group.mean, group.m2
+        out += [group.mean, group.m2, False]
+        return y
 
     @staticmethod
     @once_differentiable  # statistics are saved as constants: a second derivative must fail, not be wrong
-    def backward(ctx: Any, dy: Tensor, _dmean: Tensor, _dm2: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
         x, weight, mean_g, rstd_g, shift = ctx.saved_tensors
         want_w, want_b = ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.fused_batch or ctx.fused_groups:  # the parameter gradients come out of the kernel too
@@ -160,7 +167,7 @@ class _ChannelNormFn(torch.autograd.Function):
                                                            want_w, want_b)
             dweight = dweight.to(weight.dtype) if want_w else None
             dbias = dbias.to(ctx.bias_dtype) if want_b else None
-            return dx, dweight, dbias, None, None, None, None, None
+            return dx, dweight, dbias, None, None, None, None, None, None, None
         policy: Policy = ctx.policy
         c = x.shape[1]
         rstd = policy.expand(rstd_g, c)
@@ -181,7 +188,7 @@ class _ChannelNormFn(torch.autograd.Function):
                 c_g = policy.expand(policy.group_sum(_with_weight(a_sum, weight)), c) / count
                 k2 = -rstd * rstd * c_g
             dx = kernels.affine_grad(dy, x, k1, k2, centre, k3)
-        return dx, dweight, dbias, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None
 
 
 def channel_norm(
@@ -193,6 +200,7 @@ def channel_norm(
     mode: str = "standard",
     prepared: Optional[kernels.Prepared] = None,
     extra: Optional[Moments] = None,
+    running: Optional[Running] = None,
 ) -> Tuple[Tensor, Moments]:
     """Normalize ``x`` of shape ``(N, C, *S)`` with statistics of the given :class:`Policy`.
 
@@ -206,12 +214,20 @@ def channel_norm(
     batch policy). The gradient flows through ``x``'s own moments only: with ``M`` the merged count,
     ``d mu / dx = 1 / M`` and ``d var / dx = 2 (x - mu) / M``, so the backward above holds with
     ``M_g = M``. The returned moments are then the merged ones.
+    ``running``: running statistics to update with the returned moments (batch policy: per channel;
+    instance policy: averaged over the batch, see :func:`normzoo.running.update_running_stats`); BatchNorm's
+    native kernel does it in the same call.
     """
     if mode not in ("standard", "mean", "rms"):
         raise ValueError(f"channel_norm: mode must be 'standard', 'mean' or 'rms', got {mode!r}")
-    y, mean, m2 = _ChannelNormFn.apply(x, weight, bias, policy, eps, mode, prepared, extra)
+    out: list = []
+    y = _ChannelNormFn.apply(x, weight, bias, policy, eps, mode, prepared, extra, running, out)
+    mean, m2, running_done = out
     count = policy.group_count(x)
-    return y, Moments(count if extra is None else count + extra.count, mean, m2)
+    moments = Moments(count if extra is None else count + extra.count, mean, m2)
+    if running is not None and not running_done:
+        running.update(moments.reshape(x.shape[1]) if policy.over == "batch" else moments)
+    return y, moments
 
 
 @dataclass

@@ -3,11 +3,8 @@
 Every function is "statistics, then an affine map" on the statistics core (:mod:`normzoo.stats`) and
 the channel-norm engine (:mod:`normzoo.channel_norm`). Signatures follow ``torch.nn.functional``.
 
-Running statistics (torch's convention, also in the modules):
-``running = (1 - momentum) * running + momentum * batch_statistic``, where the batch variance is the
-**unbiased** one, ``M2 / (m - 1)`` with ``m`` the number of elements per channel (the ``m/(m-1)``
-correction of the seeds and the BN paper). The NumPy reference uses CS231n's opposite convention
-(``momentum=0.9`` keeps 90% of the old value); see :mod:`normzoo.reference`.
+Running statistics follow torch's convention, ``running = (1 - momentum) * running + momentum * batch``
+with the unbiased batch variance (:mod:`normzoo.running`).
 """
 from __future__ import annotations
 
@@ -19,28 +16,9 @@ from torch import Tensor
 
 from normzoo import _checks, row_norm
 from normzoo.channel_norm import Policy, channel_norm, fixed_affine
-from normzoo.stats import Moments
+from normzoo.running import Running, update_running_stats
 
 _Shape = Union[int, Sequence[int], torch.Size]
-
-
-def update_running_stats(
-    running_mean: Optional[Tensor], running_var: Optional[Tensor], batch: Moments, momentum: float
-) -> None:
-    """In place: ``running = (1 - momentum) * running + momentum * batch`` (unbiased batch variance).
-
-    ``batch`` holds one group per channel (shape ``(C,)``, or ``(1, C)``). Instance statistics of shape
-    ``(N, C)`` are averaged over the batch first, as torch does for InstanceNorm.
-    """
-    with torch.no_grad():
-        mean = batch.mean
-        var = batch.var(1) if batch.count > 1 else torch.zeros_like(batch.m2)
-        if mean.dim() == 2:
-            mean, var = mean.mean(0), var.mean(0)
-        if running_mean is not None:
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        if running_var is not None:
-            running_var.lerp_(var.to(running_var.dtype), momentum)
 
 
 def _batch_norm_impl(name: str, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -57,10 +35,9 @@ def _batch_norm_impl(name: str, input: Tensor, running_mean: Optional[Tensor], r
     count = input.numel() // c if input.numel() else 0
     if mode != "mean" or count == 0:  # mean-only BN is defined for a single value per channel
         _checks.check_batch_stats(name, input, count)
-    y, batch = channel_norm(input, weight, bias, Policy("batch"), eps, mode=mode)
-    if training and (running_mean is not None or running_var is not None):
-        update_running_stats(running_mean, running_var, batch.reshape(c), momentum)
-    return y
+    track = training and (running_mean is not None or running_var is not None)
+    running = Running(running_mean, running_var, momentum) if track else None
+    return channel_norm(input, weight, bias, Policy("batch"), eps, mode=mode, running=running)[0]
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -111,10 +88,9 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
         return fixed_affine(input, running_mean, running_var, weight, bias, eps)
     spatial = input.numel() // (input.shape[0] * c) if input.numel() else 0
     _checks.check_batch_stats(name, input, spatial, "spatial element per channel")
-    y, inst = channel_norm(input, weight, bias, Policy("instance"), eps)
-    if running_mean is not None or running_var is not None:
-        update_running_stats(running_mean, running_var, inst, momentum)
-    return y
+    track = running_mean is not None or running_var is not None
+    running = Running(running_mean, running_var, momentum) if track else None
+    return channel_norm(input, weight, bias, Policy("instance"), eps, running=running)[0]
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,

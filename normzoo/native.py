@@ -107,7 +107,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"nz_rownorm_backward_{suf}").argtypes = [P, P, P, I64, I64, P, I, P, P, P, P, I]
         getattr(lib, f"nz_group_forward_{suf}").argtypes = [P, P, I64, I64, I64, I64, I, P, P, D, I, P, P, P, I]
         getattr(lib, f"nz_group_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I64, I, P, I, P, P, P, P, I]
-        getattr(lib, f"nz_batch_forward_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, D, I, P, P, P, I]
+        getattr(lib, f"nz_batch_forward_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, D, I, P, P, P, P, P, I, D, I]
         getattr(lib, f"nz_batch_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, I, P, P, I]
         lib.nz_set_stream_min.argtypes = [I64]
         lib.nz_set_stream_min.restype = I64
@@ -325,15 +325,39 @@ def group_backward(dy: Tensor, x: Tensor, groups: int, weight: Optional[Tensor],
 
 
 # -- BatchNorm training, whole (the per-channel algebra in C too: one call each way) --------------------
-def batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                  mode: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """BatchNorm of ``x`` ``(N, C, *S)`` with batch statistics: ``y`` and float64 ``(C,)`` ``mean``, ``M2``, ``rstd``."""
+_RUNNING_TYPES = {torch.float32: 1, torch.float64: 2}
+
+
+def running_update_applies(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> bool:
+    """Whether :func:`batch_forward` can update these running statistics in place: CPU, float32 or float64,
+    contiguous ``(C,)``, the two of one dtype (either may be ``None``)."""
+    given = [t for t in (running_mean, running_var) if t is not None]
+    return bool(given) and all(
+        t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous() and t.dtype == given[0].dtype
+        and t.dtype in _RUNNING_TYPES for t in given)
+
+
+def batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
+                  running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+                  momentum: float = 0.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BatchNorm of ``x`` ``(N, C, *S)`` with batch statistics: ``y`` and float64 ``(C,)`` ``mean``, ``M2``, ``rstd``.
+
+    ``running_mean``/``running_var`` (where :func:`running_update_applies`) are updated in place,
+    ``running += momentum * (batch - running)`` with the unbiased batch variance, as ``torch.lerp_`` would.
+    """
     n, c, l = _dims(x)
     y = torch.empty_like(x)
     mean, m2, rstd = _stats(3, c)
     g, b = _param(weight, x.dtype, c), _param(bias, x.dtype, c)
+    run_type = 0
+    if running_mean is not None or running_var is not None:
+        if not running_update_applies(running_mean, running_var):
+            raise ValueError("batch_forward: running statistics must be contiguous (C,) float32 or float64 CPU "
+                             "tensors of one dtype")
+        run_type = _RUNNING_TYPES[(running_mean if running_mean is not None else running_var).dtype]
     _fn("batch_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), _ptr(g), _ptr(b), float(eps),
-                                  _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
+                                  _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(), _ptr(running_mean),
+                                  _ptr(running_var), run_type, float(momentum), _threads(x.numel()))
     return y, mean, m2, rstd
 
 
@@ -382,4 +406,4 @@ def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Te
 
 __all__ = ["library", "status", "set_stream_min", "supports", "layout", "moments", "affine", "grad_sums",
            "affine_grad", "rownorm_forward", "rownorm_backward", "group_forward", "group_backward", "batch_forward",
-           "batch_backward", "PARALLEL_THRESHOLD"]
+           "batch_backward", "running_update_applies", "PARALLEL_THRESHOLD"]

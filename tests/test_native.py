@@ -86,7 +86,7 @@ def test_native_equals_fallback(name, dtype, channels_last, shape, fallback, str
 
 
 @pytest.mark.parametrize("rms", [False, True])
-@pytest.mark.parametrize("rows", [5, 4096])  # threads split the rows, with per-thread column sums
+@pytest.mark.parametrize("rows", [5, 4096])  # threads split the rows, with per-chunk column sums
 def test_row_kernels_equal_fallback(rms, rows, fallback, streaming):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(rows, 96, generator=gen, dtype=torch.float64) + 0.7
@@ -163,3 +163,66 @@ def test_concurrent_callers_share_the_pool():
     assert not any(t.is_alive() for t in threads)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.7, 1.0])  # lerp's two branches (weight below and above 0.5)
+@pytest.mark.parametrize("buffers", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["standard", "mean"])
+def test_batch_forward_updates_running_statistics_as_lerp(momentum, buffers, mode):
+    """BatchNorm's kernel updates the running statistics in the same call, as ``update_running_stats`` does."""
+    from normzoo.running import update_running_stats
+    from normzoo.stats import Moments
+
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 5, 7, 3, generator=gen) * 3 + 1
+    start_mean, start_var = torch.randn(5, generator=gen).to(buffers), torch.rand(5, generator=gen).to(buffers) + 0.5
+    rm, rv = start_mean.clone(), start_var.clone()
+    _, mean, m2, _ = native.batch_forward(x, None, None, 1e-5, mode, rm, rv, momentum)
+    want_mean, want_var = start_mean.clone(), start_var.clone()
+    update_running_stats(want_mean, want_var, Moments(6 * 7 * 3, mean, m2), momentum)
+    torch.testing.assert_close(rm, want_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rv, want_var, rtol=1e-6, atol=1e-7)
+    only_mean = start_mean.clone()  # one buffer alone
+    native.batch_forward(x, None, None, 1e-5, mode, only_mean, None, momentum)
+    torch.testing.assert_close(only_mean, want_mean, rtol=1e-6, atol=1e-7)
+
+
+def test_mean_only_batch_of_one_value_per_channel_tracks_zero_variance():
+    """One element per channel (allowed by mean-only BN): the running variance moves towards 0, as in Python."""
+    rm, rv = torch.zeros(4), torch.ones(4)
+    x = torch.randn(1, 4)
+    F.mean_only_batch_norm(x, rm, rv, training=True, momentum=0.5)
+    torch.testing.assert_close(rm, 0.5 * x[0])
+    torch.testing.assert_close(rv, torch.full((4,), 0.5))
+
+
+def test_running_statistics_of_other_dtypes_update_in_python():
+    """bfloat16 buffers (a model moved to bfloat16) are not the kernel's to update: the Python rule does it."""
+    x = torch.randn(8, 3, 4, 4, dtype=torch.bfloat16)
+    rm, rv = torch.zeros(3, dtype=torch.bfloat16), torch.ones(3, dtype=torch.bfloat16)
+    assert not native.running_update_applies(rm, rv)
+    F.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    xf = x.float()
+    torch.testing.assert_close(rm.float(), xf.mean((0, 2, 3)), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(rv.float(), xf.var((0, 2, 3)), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("layer", ["rows", "bn", "gn"])
+def test_threaded_results_are_the_same_every_run(layer):
+    """The threads take chunks of the work dynamically, but each chunk's partial sums have fixed bounds and
+    are combined in a fixed order: repeated runs give bit-identical results."""
+    gen = torch.Generator().manual_seed(6)
+    if layer == "rows":
+        x, w = torch.randn(4099, 72, generator=gen), torch.randn(72, generator=gen)
+        fn = lambda x, w, b: F.layer_norm(x, 72, w, b)  # noqa: E731
+    else:
+        x, w = torch.randn(7, 12, 19, 17, generator=gen), torch.randn(12, generator=gen)
+        fn = (lambda x, w, b: F.batch_norm(x, None, None, w, b, True)) if layer == "bn" else (  # noqa: E731
+            lambda x, w, b: F.group_norm(x, 3, w, b))
+    g = torch.randn(x.shape, generator=gen)
+    first = _fwd_bwd(fn, x, w, w, g)
+    for _ in range(5):
+        for a, b in zip(_fwd_bwd(fn, x, w, w, g), first):
+            assert (a is None and b is None) or torch.equal(a, b)

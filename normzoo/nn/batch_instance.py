@@ -47,6 +47,7 @@ from normzoo import _checks, kernels
 from normzoo.channel_norm import batch_or_running
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
+from normzoo.running import update_running_stats
 
 
 def _row(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -121,8 +122,6 @@ def _batch_instance_norm(name: str, input: Tensor, rho: Tensor, running_mean: Op
     y = _BatchInstanceNormFn.apply(input, weight, bias, rho, st.prepared, st.mean, st.var, st.count, eps)
     batch = st.batch
     if training and (running_mean is not None or running_var is not None):
-        from normzoo.functional import update_running_stats  # runtime import: functional re-exports this module
-
         update_running_stats(running_mean, running_var, batch.reshape(c), momentum)
     return y
 

@@ -64,6 +64,7 @@ from normzoo import _checks, kernels
 from normzoo.channel_norm import Policy, channel_norm, fixed_affine
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
+from normzoo.running import update_running_stats
 from normzoo.stats import Moments, accumulation_dtype
 
 _Layer = Union[nn.Linear, nn.Conv1d, nn.Conv2d]
@@ -366,8 +367,6 @@ class _CrossIterationBatchNorm(NormBase):
         if use_window:
             self._keep_window_stats(step, cur, mean_p, var_p, merged)
         if self.track_running_stats:
-            from normzoo.functional import update_running_stats  # runtime import (functional re-exports nn)
-
             update_running_stats(self.running_mean, self.running_var, cur.reshape(-1), factor)
         if record:
             self._record(step % (k - 1), cur, captured)

@@ -46,6 +46,7 @@ from normzoo import _checks, kernels
 from normzoo.channel_norm import Policy, channel_norm, fixed_affine
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
+from normzoo.running import update_running_stats
 from normzoo.stats import accumulation_dtype
 
 
@@ -99,8 +100,6 @@ def _batch_renorm(name: str, input: Tensor, running_mean: Optional[Tensor], runn
     if bias is not None:
         b = b + bias.to(b.dtype)
     y, _ = channel_norm(input, w, b, Policy("batch"), eps, prepared=p)
-    from normzoo.functional import update_running_stats  # runtime import: functional re-exports this module
-
     update_running_stats(running_mean, running_var, batch, momentum)
     return y, r, d
 

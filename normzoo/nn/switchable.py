@@ -50,6 +50,7 @@ from normzoo import _checks, kernels
 from normzoo.channel_norm import batch_or_running
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
+from normzoo.running import update_running_stats
 
 #: The order of the three statistics in the mixing logits.
 SWITCH_ORDER = ("in", "ln", "bn")
@@ -141,8 +142,6 @@ def _switchable_norm(name: str, input: Tensor, mean_logits: Tensor, var_logits: 
                             eps)
     batch = st.batch
     if training and (running_mean is not None or running_var is not None):
-        from normzoo.functional import update_running_stats  # runtime import: functional re-exports this module
-
         update_running_stats(running_mean, running_var, batch.reshape(c), momentum)
     return y
 
