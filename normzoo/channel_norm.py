@@ -158,6 +158,7 @@ class _ChannelNormFn(torch.autograd.Function):
     @once_differentiable  # statistics are saved as constants: a second derivative must fail, not be wrong
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
         x, weight, mean_g, rstd_g, shift = ctx.saved_tensors
+        native.wake_workers(x)
         want_w, want_b = ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.fused_batch or ctx.fused_groups:  # the parameter gradients come out of the kernel too
             if ctx.fused_batch:
@@ -218,6 +219,7 @@ def channel_norm(
     instance policy: averaged over the batch, see :func:`normzoo.running.update_running_stats`); BatchNorm's
     native kernel does it in the same call.
     """
+    native.wake_workers(x)
     if mode not in ("standard", "mean", "rms"):
         raise ValueError(f"channel_norm: mode must be 'standard', 'mean' or 'rms', got {mode!r}")
     out: list = []

@@ -110,6 +110,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"nz_batch_forward_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, D, I, P, P, P, P, P, I, D, I]
         getattr(lib, f"nz_batch_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, I, P, P, I]
         lib.nz_set_stream_min.argtypes = [I64]
+        lib.nz_pool_wake.argtypes = []
+        lib.nz_pool_wake.restype = None
+        lib.nz_pool_sleeping.argtypes = []
+        lib.nz_pool_sleeping.restype = I
+        lib.nz_pool_wakeups.argtypes = []
+        lib.nz_pool_wakeups.restype = I64
         lib.nz_set_stream_min.restype = I64
         for name in ("moments", "affine", "grad_sums", "affine_grad", "rownorm_forward", "rownorm_backward",
                      "group_forward", "group_backward", "batch_forward", "batch_backward"):
@@ -146,6 +152,26 @@ def set_stream_min(nbytes: int) -> int:
     if lib is None:
         raise RuntimeError(f"set_stream_min: the native kernels are unavailable ({_why_not})")
     return int(lib.nz_set_stream_min(int(nbytes)))
+
+
+def wake_workers(x: Tensor) -> None:
+    """Wake the kernels' sleeping worker threads if ``x`` is large enough to be split over them.
+
+    A layer calls this as its Python code begins: a worker asleep since the last kernel takes tens of
+    microseconds to wake, which then overlaps the layer's own checks and bookkeeping instead of delaying its
+    kernel. A no-op when no worker sleeps, for small tensors, or without the native kernels (it never builds
+    them).
+    """
+    if _lib is not None and x.numel() >= PARALLEL_THRESHOLD and torch.get_num_threads() > 1:
+        _lib.nz_pool_wake()
+
+
+def pool_state() -> Tuple[int, int]:
+    """The kernels' worker pool: ``(workers asleep now, times a worker woke up so far)``; ``(0, 0)`` without
+    the native kernels. For tests and diagnostics."""
+    if _lib is None:
+        return 0, 0
+    return int(_lib.nz_pool_sleeping()), int(_lib.nz_pool_wakeups())
 
 
 def status() -> str:
@@ -406,4 +432,5 @@ def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Te
 
 __all__ = ["library", "status", "set_stream_min", "supports", "layout", "moments", "affine", "grad_sums",
            "affine_grad", "rownorm_forward", "rownorm_backward", "group_forward", "group_backward", "batch_forward",
-           "batch_backward", "running_update_applies", "PARALLEL_THRESHOLD"]
+           "batch_backward", "running_update_applies", "wake_workers", "pool_state",
+           "PARALLEL_THRESHOLD"]

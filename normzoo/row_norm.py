@@ -38,6 +38,7 @@ class _RowNormFn(torch.autograd.Function):
     @once_differentiable  # the row statistics are saved as constants: no silent wrong second derivative
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
         x, weight, centre, rstd = ctx.saved_tensors
+        native.wake_workers(x)
         want_w, want_b = ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         dx, dgamma, dbeta = native.rownorm_backward(dy, x, weight, centre, rstd, ctx.rms, want_w, want_b)
         dw = dgamma.to(weight.dtype) if want_w else None
@@ -52,6 +53,7 @@ def applies(rows: Tensor) -> bool:
 
 def row_norm(rows: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool) -> Tensor:
     """``(R, D)`` contiguous rows normalized over ``D`` with a per-column affine (``weight``/``bias`` of size D)."""
+    native.wake_workers(rows)
     return _RowNormFn.apply(rows, weight, bias, eps, rms)
 
 

@@ -226,3 +226,26 @@ def test_threaded_results_are_the_same_every_run(layer):
     for _ in range(5):
         for a, b in zip(_fwd_bwd(fn, x, w, w, g), first):
             assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_wake_workers_wakes_the_sleeping_pool():
+    """A layer wakes the pool as its Python code begins: a sleeping worker comes out of its wait."""
+    import time
+
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    x = torch.randn(4, 8, 64, 64)
+    F.group_norm(x, 4)  # the pool exists
+    deadline = time.monotonic() + 10
+    while native.pool_state()[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # after their spin, idle workers go to sleep
+    asleep, wakeups = native.pool_state()
+    assert asleep > 0
+    native.wake_workers(torch.randn(2, 3))  # too small to be split over threads: wakes nobody
+    time.sleep(0.05)
+    assert native.pool_state()[1] == wakeups
+    native.wake_workers(x)
+    while native.pool_state()[1] == wakeups and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert native.pool_state()[1] > wakeups
+    torch.testing.assert_close(F.group_norm(x, 4), torch.nn.functional.group_norm(x, 4), rtol=1e-4, atol=1e-5)
