@@ -107,7 +107,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"nz_rownorm_backward_{suf}").argtypes = [P, P, P, I64, I64, P, I, P, P, P, P, I]
         getattr(lib, f"nz_group_forward_{suf}").argtypes = [P, P, I64, I64, I64, I64, I, P, P, D, I, P, P, P, I]
         getattr(lib, f"nz_group_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I64, I, P, I, P, P, P, P, I]
-        getattr(lib, f"nz_batch_forward_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, D, I, P, P, P, P, P, I, D, I]
+        getattr(lib, f"nz_batch_forward_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, D, I, P, P, P, P, P, I, D, P, D,
+                                                             D, I]
         getattr(lib, f"nz_batch_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, I, P, P, I]
         lib.nz_set_stream_min.argtypes = [I64]
         lib.nz_pool_wake.argtypes = []
@@ -371,9 +372,25 @@ def batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     ``running_mean``/``running_var`` (where :func:`running_update_applies`) are updated in place,
     ``running += momentum * (batch - running)`` with the unbiased batch variance, as ``torch.lerp_`` would.
     """
+    return _batch_forward(x, weight, bias, eps, mode, running_mean, running_var, momentum, None)[:4]
+
+
+def batch_renorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                         running_mean: Tensor, running_var: Tensor, momentum: float, r_max: float,
+                         d_max: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Batch Renormalization (training) of ``x``: BatchNorm with weight ``gamma r`` and bias ``beta + gamma d``,
+    ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, -d_max, d_max)`` from the
+    running statistics, which are then updated in place as in :func:`batch_forward`.
+    Returns ``y`` and float64 ``(C,)`` ``mean``, ``M2``, ``rstd``, ``r``, ``d``."""
+    return _batch_forward(x, weight, bias, eps, "standard", running_mean, running_var, momentum, (r_max, d_max))
+
+
+def _batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                   limits: Optional[Tuple[float, float]]) -> Tuple[Tensor, ...]:
     n, c, l = _dims(x)
     y = torch.empty_like(x)
-    mean, m2, rstd = _stats(3, c)
+    mean, m2, rstd, r, d = _stats(5 if limits else 3, c) + ((None, None) if not limits else ())
     g, b = _param(weight, x.dtype, c), _param(bias, x.dtype, c)
     run_type = 0
     if running_mean is not None or running_var is not None:
@@ -381,10 +398,14 @@ def batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
             raise ValueError("batch_forward: running statistics must be contiguous (C,) float32 or float64 CPU "
                              "tensors of one dtype")
         run_type = _RUNNING_TYPES[(running_mean if running_mean is not None else running_var).dtype]
+    if limits and (running_mean is None or running_var is None):
+        raise ValueError("batch_renorm_forward: needs both running_mean and running_var")
+    r_max, d_max = limits if limits else (0.0, 0.0)
     _fn("batch_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), _ptr(g), _ptr(b), float(eps),
                                   _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(), _ptr(running_mean),
-                                  _ptr(running_var), run_type, float(momentum), _threads(x.numel()))
-    return y, mean, m2, rstd
+                                  _ptr(running_var), run_type, float(momentum), _ptr(r), float(r_max), float(d_max),
+                                  _threads(x.numel()))
+    return y, mean, m2, rstd, r, d
 
 
 def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, mode: str,
@@ -432,5 +453,5 @@ def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Te
 
 __all__ = ["library", "status", "set_stream_min", "supports", "layout", "moments", "affine", "grad_sums",
            "affine_grad", "rownorm_forward", "rownorm_backward", "group_forward", "group_backward", "batch_forward",
-           "batch_backward", "running_update_applies", "wake_workers", "pool_state",
+           "batch_renorm_forward", "batch_backward", "running_update_applies", "wake_workers", "pool_state",
            "PARALLEL_THRESHOLD"]

@@ -15,9 +15,12 @@ exactly BatchNorm. The running statistics are updated with the batch statistics 
 are taken (the paper's Algorithm 1).
 
 Implementation: exactly BatchNorm with the per-channel weight ``gamma * r`` and bias ``beta + gamma * d``
-(``r``, ``d`` detached), so it costs what BatchNorm costs. The per-(n, c) moments are computed once
-(:func:`normzoo.kernels.prepare`); ``r`` and ``d`` come from them and the same prepared data is handed to
-:func:`normzoo.channel_norm.channel_norm` (``x`` is not read a second time).
+(``r``, ``d`` detached), so it costs what BatchNorm costs. With the native kernels (CPU, float32/float64
+running statistics) it *is* BatchNorm's kernel: ``r`` and ``d`` are computed per channel between the
+statistics and the output, the running statistics updated after, and the backward is BatchNorm's with
+weight ``gamma r`` (then ``dgamma = r sum dy x_hat + d sum dy``). Elsewhere the per-(n, c) moments are
+computed once (:func:`normzoo.kernels.prepare`); ``r`` and ``d`` come from them and the same prepared data
+is handed to :func:`normzoo.channel_norm.channel_norm` (``x`` is not read a second time).
 
 Where normzoo, the paper and common code differ:
 
@@ -41,8 +44,9 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-from normzoo import _checks, kernels
+from normzoo import _checks, kernels, native
 from normzoo.channel_norm import Policy, channel_norm, fixed_affine
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
@@ -72,6 +76,40 @@ def renorm_correction(batch_mean: Tensor, batch_var: Tensor, running_mean: Tenso
     return r, d
 
 
+class _BatchRenormFn(torch.autograd.Function):
+    """Batch Renorm in training as one native call each way: the BatchNorm kernels with weight ``gamma r`` and
+    bias ``beta + gamma d``, ``r``/``d`` computed per channel inside the forward kernel (from the running
+    statistics read before the kernel updates them). ``out`` receives ``r``, ``d`` (``acc`` dtype)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
+                running_var: Tensor, momentum: float, eps: float, r_max: float, d_max: float, out: list) -> Tensor:
+        y, mean, _, rstd, r, d = native.batch_renorm_forward(x, weight, bias, eps, running_mean, running_var,
+                                                             momentum, r_max, d_max)
+        acc = accumulation_dtype(x.dtype)
+        r_acc, d_acc = r.to(acc), d.to(acc)
+        w_eff = r_acc if weight is None else weight.detach().to(acc) * r_acc
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.weight_dtype = weight.dtype if weight is not None else None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(x, w_eff, mean, rstd, r_acc, d_acc)
+        out += [r_acc, d_acc]
+        return y
+
+    @staticmethod
+    @once_differentiable  # r, d and the statistics are constants here: no silent wrong second derivative
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
+        x, w_eff, mean, rstd, r, d = ctx.saved_tensors
+        native.wake_workers(x)
+        want_w, want_b = ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        # y = (gamma r) x_hat + (beta + gamma d): BatchNorm's backward with weight gamma r, and
+        # dgamma = r sum dy x_hat + d sum dy, dbeta = sum dy
+        dx, dw, db = native.batch_backward(dy, x, w_eff, mean, rstd, "standard", want_w, want_w or want_b)
+        dweight = (dw * r + db * d).to(ctx.weight_dtype) if want_w else None
+        dbias = db.to(ctx.bias_dtype) if want_b else None
+        return dx, dweight, dbias, None, None, None, None, None, None, None
+
+
 def _batch_renorm(name: str, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                   weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float, eps: float,
                   r_max: float, d_max: float) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
@@ -87,6 +125,11 @@ def _batch_renorm(name: str, input: Tensor, running_mean: Optional[Tensor], runn
     if not training:
         return fixed_affine(input, running_mean, running_var, weight, bias, eps), None, None
     _checks.check_batch_stats(name, input, input.numel() // c if input.numel() else 0)
+    if native.supports(input) and native.running_update_applies(running_mean, running_var):
+        native.wake_workers(input)
+        out: list = []
+        y = _BatchRenormFn.apply(input, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max, out)
+        return (y, *out)
     p = kernels.prepare(input)
     batch = p.rows.reduce(0)  # (C,), count N * prod(S); float64 when rows were centred (see kernels.prepare)
     r, d = renorm_correction(batch.mean, batch.var(0), running_mean, running_var, eps, r_max, d_max)
