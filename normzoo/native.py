@@ -110,6 +110,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"nz_batch_forward_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, D, I, P, P, P, P, P, I, D, P, D,
                                                              D, I]
         getattr(lib, f"nz_batch_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, I, P, P, I]
+        lib.nz_switch_coefs.argtypes = [I64, I64, I64, P, P, P, P, P, I, I, D, P, P, D, P]
+        lib.nz_switch_coefs.restype = None
+        lib.nz_switch_grad_coefs.argtypes = [I64, I64, I64, P, P, I, P, P, P, P, P, P, P, P, P, P]
+        lib.nz_switch_grad_coefs.restype = None
         lib.nz_set_stream_min.argtypes = [I64]
         lib.nz_pool_wake.argtypes = []
         lib.nz_pool_wake.restype = None
@@ -423,6 +427,55 @@ def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor
     return dx, dg, db
 
 
+# -- Switchable Normalization's O(N C) mixing algebra (the passes over x are moments/affine/grad_sums) ----
+class SwitchState:
+    """Float64 views of the state :func:`switch_coefs` writes: per (n, c) ``mean``, ``var``, ``rstd``, the
+    affine ``a``, ``b``; per sample ``mu_l``, ``var_l``; per channel ``mu_b``, ``m2_b``, ``var_b``; the mixing
+    weights ``p`` (means) and ``q`` (variances), order IN, LN, BN."""
+
+    def __init__(self, buf: Tensor, n: int, c: int) -> None:
+        self.buf = buf
+        nc = n * c
+        (self.mean, self.var, self.rstd, self.a, self.b, self.mu_l, self.var_l, self.mu_b, self.m2_b, self.var_b,
+         self.p, self.q) = (v.view(n, c) if v.numel() == nc and i < 5 else v
+                            for i, v in enumerate(buf.split([nc] * 5 + [n, n, c, c, c, 3, 3])))
+
+
+def switch_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, logits: Tensor, running_mean: Optional[Tensor],
+                 running_var: Optional[Tensor], use_batch: bool, momentum: float, weight: Optional[Tensor],
+                 bias: Optional[Tensor], eps: float) -> SwitchState:
+    """Switchable Normalization's statistics and affine map from the per-(n, c) moments (float64 ``(N, C)``,
+    ``count`` positions each): the LN and BN moments merged from them (BN: from the running statistics
+    when not ``use_batch``), mixed with ``softmax`` of ``logits`` (float64 ``(6,)``: mean logits, variance
+    logits). With ``use_batch`` and running buffers (:func:`running_update_applies`), those are updated in
+    place with the batch's BN statistics."""
+    n, c = rows_mean.shape
+    buf = torch.empty(5 * n * c + 2 * n + 3 * c + 6, dtype=torch.float64)
+    given = running_mean is not None or running_var is not None
+    run_type = _RUNNING_TYPES[(running_mean if running_mean is not None else running_var).dtype] if given else 0
+    g, b = _param(weight, torch.float64, c), _param(bias, torch.float64, c)
+    library().nz_switch_coefs(n, c, count, rows_mean.data_ptr(), rows_m2.data_ptr(), logits.data_ptr(),
+                              _ptr(running_mean), _ptr(running_var), run_type, int(use_batch), float(momentum),
+                              _ptr(g), _ptr(b), float(eps), buf.data_ptr())
+    return SwitchState(buf, n, c)
+
+
+def switch_grad_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, use_batch: bool, weight: Optional[Tensor],
+                      state: SwitchState, s1: Tensor, t: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                            Tensor]:
+    """The backward algebra of :func:`switch_coefs` from ``s1 = sum_S dy``, ``t = sum_S dy (x - mean)``
+    (float64 ``(N, C)``): ``dgamma``, ``dbeta`` ``(C,)``, ``dlogits`` ``(6,)`` and the ``(N, C)`` coefficients of
+    ``dx = k1 dy + k2 (x - mean) + k3``."""
+    n, c = rows_mean.shape
+    out = torch.empty(2 * c + 6 + 3 * n * c, dtype=torch.float64)
+    dg, db, dl, k1, k2, k3 = out.split([c, c, 6, n * c, n * c, n * c])
+    g = _param(weight, torch.float64, c)
+    library().nz_switch_grad_coefs(n, c, count, rows_mean.data_ptr(), rows_m2.data_ptr(), int(use_batch), _ptr(g),
+                                   state.buf.data_ptr(), s1.data_ptr(), t.data_ptr(), dg.data_ptr(), db.data_ptr(),
+                                   dl.data_ptr(), k1.data_ptr(), k2.data_ptr(), k3.data_ptr())
+    return dg, db, dl, k1.view(n, c), k2.view(n, c), k3.view(n, c)
+
+
 # -- the fused row passes (LayerNorm / RMSNorm over the last dims) ------------------------------------
 
 def rownorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -454,4 +507,5 @@ def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Te
 __all__ = ["library", "status", "set_stream_min", "supports", "layout", "moments", "affine", "grad_sums",
            "affine_grad", "rownorm_forward", "rownorm_backward", "group_forward", "group_backward", "batch_forward",
            "batch_renorm_forward", "batch_backward", "running_update_applies", "wake_workers", "pool_state",
+           "switch_coefs", "switch_grad_coefs", "SwitchState",
            "PARALLEL_THRESHOLD"]

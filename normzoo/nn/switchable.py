@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from normzoo import _checks, kernels
+from normzoo import _checks, kernels, native
 from normzoo.channel_norm import batch_or_running
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
@@ -120,6 +120,49 @@ class _SwitchNormFn(torch.autograd.Function):
         return dx, dweight, dbias, dmean_logits, dvar_logits, None, None, None, None, None
 
 
+class _SwitchNormNativeFn(torch.autograd.Function):
+    """The same layer on the native kernels: the per-(n, c) moments, the mixing algebra in C
+    (:func:`normzoo.native.switch_coefs`; the running statistics updated there too), the affine pass; backward
+    the two sums, the algebra in C, the ``dx`` pass. No O(N C) tensor operations in Python."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean_logits: Tensor,
+                var_logits: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], use_batch: bool,
+                training: bool, momentum: float, eps: float) -> Tensor:
+        rows_mean, rows_m2 = native.moments(x)
+        count = x.numel() // (x.shape[0] * x.shape[1])
+        logits = torch.cat([mean_logits.detach(), var_logits.detach()]).to(torch.float64)
+        update = use_batch and training
+        st = native.switch_coefs(rows_mean, rows_m2, count, logits, running_mean if update or not use_batch else None,
+                                 running_var if update or not use_batch else None, use_batch, momentum, weight, bias,
+                                 eps)
+        y = native.affine(x, st.a, st.mean, st.b)
+        ctx.count, ctx.use_batch = count, use_batch
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.param_dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None,
+                            mean_logits.dtype, var_logits.dtype)
+        ctx.st = st
+        ctx.save_for_backward(x, weight, rows_mean, rows_m2)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
+        x, weight, rows_mean, rows_m2 = ctx.saved_tensors
+        native.wake_workers(x)
+        st = ctx.st
+        s1, t = native.grad_sums(dy, x, st.mean)
+        dg, db, dl, k1, k2, k3 = native.switch_grad_coefs(rows_mean, rows_m2, ctx.count, ctx.use_batch, weight, st,
+                                                          s1, t)
+        dx = native.affine_grad(dy, x, k1, k2, st.mean, k3) if ctx.needs_input_grad[0] else None
+        wd, bd, md, vd = ctx.param_dtypes
+        dweight = dg.to(wd) if ctx.has_weight and ctx.needs_input_grad[1] else None
+        dbias = db.to(bd) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dmean_logits = dl[:3].to(md) if ctx.needs_input_grad[3] else None
+        dvar_logits = dl[3:].to(vd) if ctx.needs_input_grad[4] else None
+        return dx, dweight, dbias, dmean_logits, dvar_logits, None, None, None, None, None, None
+
+
 def _check_logits(name: str, what: str, t: object) -> Tensor:
     if not isinstance(t, Tensor) or t.shape != (3,):
         got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
@@ -137,6 +180,15 @@ def _switchable_norm(name: str, input: Tensor, mean_logits: Tensor, var_logits: 
     _check_logits(name, "var_logits", var_logits)
     _checks.check_channel_params(name, c, weight=weight, bias=bias, running_mean=running_mean,
                                  running_var=running_var)
+    use_batch = training or running_mean is None or running_var is None
+    given = [t for t in (running_mean, running_var) if t is not None]
+    if input.dim() > 2 and native.supports(input) and (not given or native.running_update_applies(running_mean,
+                                                                                                     running_var)):
+        native.wake_workers(input)
+        if use_batch:
+            _checks.check_batch_stats(name, input, input.numel() // c if input.numel() else 0)
+        return _SwitchNormNativeFn.apply(input, weight, bias, mean_logits, var_logits, running_mean, running_var,
+                                         use_batch, training, momentum, eps)
     st = batch_or_running(name, input, running_mean, running_var, training)
     y = _SwitchNormFn.apply(input, weight, bias, mean_logits, var_logits, st.prepared, st.mean, st.var, st.count,
                             eps)
