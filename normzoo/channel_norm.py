@@ -262,6 +262,23 @@ def batch_or_running(name: str, x: Tensor, running_mean: Optional[Tensor], runni
     return BatchStatistics(p, running_mean.unsqueeze(0), running_var.unsqueeze(0), None, None)
 
 
+def native_batch_or_running(name: str, x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                            training: bool) -> Optional[bool]:
+    """:func:`batch_or_running`'s rule for methods whose O(N C) algebra runs in C (Switchable Norm,
+    Batch-Instance Norm): ``None`` when the native kernels cannot take ``x`` (or the running buffers);
+    otherwise whether the BN part uses the batch's statistics (checked to have more than one value per
+    channel). Also wakes the kernels' workers."""
+    given = [t for t in (running_mean, running_var) if t is not None]
+    if x.dim() <= 2 or not native.supports(x) or (given and not native.running_update_applies(running_mean,
+                                                                                                 running_var)):
+        return None
+    native.wake_workers(x)
+    use_batch = training or running_mean is None or running_var is None
+    if use_batch:
+        _checks.check_batch_stats(name, x, x.numel() // x.shape[1] if x.numel() else 0)
+    return use_batch
+
+
 def fixed_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                  eps: float, mean_only: bool = False) -> Tensor:
     """Normalize with given (running) per-channel statistics: ``y = gamma (x - mean) / sqrt(var + eps) + beta``.
@@ -279,4 +296,4 @@ def fixed_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
     return torch.addcmul(b.to(x.dtype).view(shape), x, a.to(x.dtype).view(shape))
 
 
-__all__ = ["Policy", "channel_norm", "fixed_affine", "batch_or_running", "BatchStatistics"]
+__all__ = ["Policy", "channel_norm", "fixed_affine", "batch_or_running", "native_batch_or_running", "BatchStatistics"]

@@ -114,6 +114,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         lib.nz_switch_coefs.restype = None
         lib.nz_switch_grad_coefs.argtypes = [I64, I64, I64, P, P, I, P, P, P, P, P, P, P, P, P, P]
         lib.nz_switch_grad_coefs.restype = None
+        lib.nz_bin_coefs.argtypes = [I64, I64, I64, P, P, P, P, P, I, I, D, P, P, D, P]
+        lib.nz_bin_coefs.restype = None
+        lib.nz_bin_grad_coefs.argtypes = [I64, I64, I64, I, P, P, P, P, P, P, P, P, P, P]
+        lib.nz_bin_grad_coefs.restype = None
         lib.nz_set_stream_min.argtypes = [I64]
         lib.nz_pool_wake.argtypes = []
         lib.nz_pool_wake.restype = None
@@ -476,6 +480,50 @@ def switch_grad_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, use_batch:
     return dg, db, dl, k1.view(n, c), k2.view(n, c), k3.view(n, c)
 
 
+# -- Batch-Instance Normalization's O(N C) blend algebra ------------------------------------------------
+class BinState:
+    """Float64 views of the state :func:`bin_coefs` writes: per (n, c) the affine ``a``, ``b`` (around the
+    instance mean), ``rstd_i``, ``delta = mu_nc - mu_B``; per channel ``rstd_b``, the clamped gate ``g``,
+    ``mu_b``, ``m2_b``."""
+
+    def __init__(self, buf: Tensor, n: int, c: int) -> None:
+        self.buf = buf
+        parts = buf.split([n * c] * 4 + [c] * 4)
+        self.a, self.b, self.rstd_i, self.delta = (v.view(n, c) for v in parts[:4])
+        self.rstd_b, self.g, self.mu_b, self.m2_b = parts[4:]
+
+
+def bin_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, rho: Tensor, running_mean: Optional[Tensor],
+              running_var: Optional[Tensor], use_batch: bool, momentum: float, weight: Optional[Tensor],
+              bias: Optional[Tensor], eps: float) -> BinState:
+    """Batch-Instance Norm's per-(n, c) affine map from the instance moments (float64 ``(N, C)``, ``count``
+    positions each): BN statistics merged from them (or the running ones when not ``use_batch``), the gate
+    ``clamp(rho, 0, 1)``. With ``use_batch`` and running buffers, those are updated in place."""
+    n, c = rows_mean.shape
+    buf = torch.empty(4 * n * c + 4 * c, dtype=torch.float64)
+    given = running_mean is not None or running_var is not None
+    run_type = _RUNNING_TYPES[(running_mean if running_mean is not None else running_var).dtype] if given else 0
+    g, b, r = _param(weight, torch.float64, c), _param(bias, torch.float64, c), _param(rho, torch.float64, c)
+    library().nz_bin_coefs(n, c, count, rows_mean.data_ptr(), rows_m2.data_ptr(), r.data_ptr(), _ptr(running_mean),
+                           _ptr(running_var), run_type, int(use_batch), float(momentum), _ptr(g), _ptr(b), float(eps),
+                           buf.data_ptr())
+    return BinState(buf, n, c)
+
+
+def bin_grad_coefs(count: int, use_batch: bool, weight: Optional[Tensor], state: BinState, s1: Tensor,
+                   t: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward algebra of :func:`bin_coefs` from ``s1 = sum_S dy``, ``t = sum_S dy (x - mu_nc)``:
+    ``dgamma``, ``dbeta``, ``drho`` ``(C,)`` and the ``(N, C)`` coefficients of ``dx = k1 dy + k2 (x - mu_nc) + k3``."""
+    n, c = s1.shape
+    out = torch.empty(3 * c + 3 * n * c, dtype=torch.float64)
+    dg, db, dr, k1, k2, k3 = out.split([c, c, c, n * c, n * c, n * c])
+    g = _param(weight, torch.float64, c)
+    library().nz_bin_grad_coefs(n, c, count, int(use_batch), _ptr(g), state.buf.data_ptr(), s1.data_ptr(),
+                                t.data_ptr(), dg.data_ptr(), db.data_ptr(), dr.data_ptr(), k1.data_ptr(),
+                                k2.data_ptr(), k3.data_ptr())
+    return dg, db, dr, k1.view(n, c), k2.view(n, c), k3.view(n, c)
+
+
 # -- the fused row passes (LayerNorm / RMSNorm over the last dims) ------------------------------------
 
 def rownorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -507,5 +555,5 @@ def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Te
 __all__ = ["library", "status", "set_stream_min", "supports", "layout", "moments", "affine", "grad_sums",
            "affine_grad", "rownorm_forward", "rownorm_backward", "group_forward", "group_backward", "batch_forward",
            "batch_renorm_forward", "batch_backward", "running_update_applies", "wake_workers", "pool_state",
-           "switch_coefs", "switch_grad_coefs", "SwitchState",
+           "switch_coefs", "switch_grad_coefs", "SwitchState", "bin_coefs", "bin_grad_coefs", "BinState",
            "PARALLEL_THRESHOLD"]

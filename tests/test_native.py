@@ -276,27 +276,38 @@ def test_batch_renorm_kernel_corrections_and_running_statistics_equal_fallback(b
         torch.testing.assert_close(a, ref.to(a.dtype), rtol=1e-6, atol=1e-7)
 
 
+def _switchable(x, w, b, rm, rv, training, gen):
+    ml, vl = (torch.randn(3, generator=gen).requires_grad_() for _ in range(2))
+    return F.switchable_norm(x, ml, vl, rm, rv, w, b, training=training), [ml, vl]
+
+
+def _batch_instance(x, w, b, rm, rv, training, gen):
+    rho = (torch.rand(x.shape[1], generator=gen) * 1.4 - 0.2).requires_grad_()  # some gates outside [0, 1]
+    return F.batch_instance_norm(x, rho, rm, rv, w, b, training=training), [rho]
+
+
+@pytest.mark.parametrize("method", [_switchable, _batch_instance], ids=["switchable", "batch_instance"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_switchable_norm_native_algebra_equals_fallback(training, dtype, channels_last, fallback):
-    """Switchable Norm's mixing algebra in C equals the PyTorch-operations path: output, the gradients of the
-    input, the affine parameters and both sets of mixing logits, and the running statistics."""
+def test_mixture_norms_native_algebra_equals_fallback(method, training, dtype, channels_last, fallback):
+    """Switchable Norm's and Batch-Instance Norm's O(N C) algebra in C equals the PyTorch-operations path:
+    output, the gradients of the input, the affine parameters and the mixing parameters (logits, gate), and
+    the running statistics."""
     gen = torch.Generator().manual_seed(8)
     x = (torch.randn(5, 6, 7, 3, generator=gen) * 2 + 1.5).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
-    ml, vl = torch.randn(3, generator=gen), torch.randn(3, generator=gen)
     g = torch.randn(x.shape, generator=gen).to(dtype)
     start = (torch.randn(6, generator=gen), torch.rand(6, generator=gen) + 0.5)
 
     def run():
-        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, ml, vl)]
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
         rm, rv = start[0].clone(), start[1].clone()
-        y = F.switchable_norm(leaves[0], leaves[3], leaves[4], rm, rv, leaves[1], leaves[2], training=training)
+        y, extra = method(*leaves, rm, rv, training, torch.Generator().manual_seed(9))
         y.backward(g)
-        return [y.detach()] + [t.grad for t in leaves] + [rm, rv]
+        return [y.detach()] + [t.grad for t in leaves + extra] + [rm, rv]
 
     tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
     for i, (a, r) in enumerate(zip(run(), fallback(run))):

@@ -43,8 +43,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from normzoo import _checks, kernels
-from normzoo.channel_norm import batch_or_running
+from normzoo import _checks, kernels, native
+from normzoo.channel_norm import batch_or_running, native_batch_or_running
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
 from normzoo.running import update_running_stats
@@ -107,6 +107,42 @@ class _BatchInstanceNormFn(torch.autograd.Function):
         return dx, dweight, dbias, drho, None, None, None, None, None
 
 
+class _BatchInstanceNormNativeFn(torch.autograd.Function):
+    """The same layer on the native kernels: the instance moments, the blend algebra in C
+    (:func:`normzoo.native.bin_coefs`; the running statistics updated there too), the affine pass; backward
+    the two sums, the algebra in C, the ``dx`` pass. No O(N C) tensor operations in Python."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rho: Tensor,
+                running_mean: Optional[Tensor], running_var: Optional[Tensor], use_batch: bool, training: bool,
+                momentum: float, eps: float) -> Tensor:
+        rows_mean, _ = moments = native.moments(x)
+        count = x.numel() // (x.shape[0] * x.shape[1])
+        read = not use_batch or training  # running statistics: read in eval, updated in training
+        st = native.bin_coefs(*moments, count, rho, running_mean if read else None, running_var if read else None,
+                              use_batch, momentum, weight, bias, eps)
+        y = native.affine(x, st.a, rows_mean, st.b)
+        ctx.count, ctx.use_batch, ctx.st = count, use_batch, st
+        ctx.dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None,
+                      rho.dtype)
+        ctx.save_for_backward(x, weight, rows_mean)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
+        x, weight, rows_mean = ctx.saved_tensors
+        native.wake_workers(x)
+        s1, t = native.grad_sums(dy, x, rows_mean)
+        dg, db, dr, k1, k2, k3 = native.bin_grad_coefs(ctx.count, ctx.use_batch, weight, ctx.st, s1, t)
+        dx = native.affine_grad(dy, x, k1, k2, rows_mean, k3) if ctx.needs_input_grad[0] else None
+        wd, bd, rd = ctx.dtypes
+        dweight = dg.to(wd) if weight is not None and ctx.needs_input_grad[1] else None
+        dbias = db.to(bd) if bd is not None and ctx.needs_input_grad[2] else None
+        drho = dr.to(rd) if ctx.needs_input_grad[3] else None
+        return dx, dweight, dbias, drho, None, None, None, None, None, None
+
+
 def _batch_instance_norm(name: str, input: Tensor, rho: Tensor, running_mean: Optional[Tensor],
                          running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                          training: bool, momentum: float, eps: float) -> Tensor:
@@ -118,6 +154,10 @@ def _batch_instance_norm(name: str, input: Tensor, rho: Tensor, running_mean: Op
     _checks.check_param(name, "rho", rho, (c,))
     _checks.check_channel_params(name, c, weight=weight, bias=bias, running_mean=running_mean,
                                  running_var=running_var)
+    use_batch = native_batch_or_running(name, input, running_mean, running_var, training)
+    if use_batch is not None:
+        return _BatchInstanceNormNativeFn.apply(input, weight, bias, rho, running_mean, running_var, use_batch,
+                                                training, momentum, eps)
     st = batch_or_running(name, input, running_mean, running_var, training)
     y = _BatchInstanceNormFn.apply(input, weight, bias, rho, st.prepared, st.mean, st.var, st.count, eps)
     batch = st.batch

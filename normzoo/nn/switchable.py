@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from normzoo import _checks, kernels, native
-from normzoo.channel_norm import batch_or_running
+from normzoo.channel_norm import batch_or_running, native_batch_or_running
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
 from normzoo.running import update_running_stats
@@ -132,10 +132,9 @@ class _SwitchNormNativeFn(torch.autograd.Function):
         rows_mean, rows_m2 = native.moments(x)
         count = x.numel() // (x.shape[0] * x.shape[1])
         logits = torch.cat([mean_logits.detach(), var_logits.detach()]).to(torch.float64)
-        update = use_batch and training
-        st = native.switch_coefs(rows_mean, rows_m2, count, logits, running_mean if update or not use_batch else None,
-                                 running_var if update or not use_batch else None, use_batch, momentum, weight, bias,
-                                 eps)
+        read = not use_batch or training  # running statistics: read in eval, updated in training
+        st = native.switch_coefs(rows_mean, rows_m2, count, logits, running_mean if read else None,
+                                 running_var if read else None, use_batch, momentum, weight, bias, eps)
         y = native.affine(x, st.a, st.mean, st.b)
         ctx.count, ctx.use_batch = count, use_batch
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
@@ -180,13 +179,8 @@ def _switchable_norm(name: str, input: Tensor, mean_logits: Tensor, var_logits: 
     _check_logits(name, "var_logits", var_logits)
     _checks.check_channel_params(name, c, weight=weight, bias=bias, running_mean=running_mean,
                                  running_var=running_var)
-    use_batch = training or running_mean is None or running_var is None
-    given = [t for t in (running_mean, running_var) if t is not None]
-    if input.dim() > 2 and native.supports(input) and (not given or native.running_update_applies(running_mean,
-                                                                                                     running_var)):
-        native.wake_workers(input)
-        if use_batch:
-            _checks.check_batch_stats(name, input, input.numel() // c if input.numel() else 0)
+    use_batch = native_batch_or_running(name, input, running_mean, running_var, training)
+    if use_batch is not None:
         return _SwitchNormNativeFn.apply(input, weight, bias, mean_logits, var_logits, running_mean, running_var,
                                          use_batch, training, momentum, eps)
     st = batch_or_running(name, input, running_mean, running_var, training)
