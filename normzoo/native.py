@@ -360,12 +360,12 @@ def group_backward(dy: Tensor, x: Tensor, groups: int, weight: Optional[Tensor],
 
 
 # -- BatchNorm training, whole (the per-channel algebra in C too: one call each way) --------------------
-_RUNNING_TYPES = {torch.float32: 1, torch.float64: 2}
+_RUNNING_TYPES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3}
 
 
 def running_update_applies(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> bool:
-    """Whether :func:`batch_forward` can update these running statistics in place: CPU, float32 or float64,
-    contiguous ``(C,)``, the two of one dtype (either may be ``None``)."""
+    """Whether :func:`batch_forward` can update these running statistics in place: CPU, float32, float64 or
+    bfloat16, contiguous ``(C,)``, the two of one dtype (either may be ``None``)."""
     given = [t for t in (running_mean, running_var) if t is not None]
     return bool(given) and all(
         t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous() and t.dtype == given[0].dtype
@@ -403,8 +403,8 @@ def _batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     run_type = 0
     if running_mean is not None or running_var is not None:
         if not running_update_applies(running_mean, running_var):
-            raise ValueError("batch_forward: running statistics must be contiguous (C,) float32 or float64 CPU "
-                             "tensors of one dtype")
+            raise ValueError("batch_forward: running statistics must be contiguous (C,) float32, float64 or "
+                             "bfloat16 CPU tensors of one dtype")
         run_type = _RUNNING_TYPES[(running_mean if running_mean is not None else running_var).dtype]
     if limits and (running_mean is None or running_var is None):
         raise ValueError("batch_renorm_forward: needs both running_mean and running_var")

@@ -15,7 +15,7 @@ exactly BatchNorm. The running statistics are updated with the batch statistics 
 are taken (the paper's Algorithm 1).
 
 Implementation: exactly BatchNorm with the per-channel weight ``gamma * r`` and bias ``beta + gamma * d``
-(``r``, ``d`` detached), so it costs what BatchNorm costs. With the native kernels (CPU, float32/float64
+(``r``, ``d`` detached), so it costs what BatchNorm costs. With the native kernels (CPU; float32, float64 or bfloat16
 running statistics) it *is* BatchNorm's kernel: ``r`` and ``d`` are computed per channel between the
 statistics and the output, the running statistics updated after, and the backward is BatchNorm's with
 weight ``gamma r`` (then ``dgamma = r sum dy x_hat + d sum dy``). Elsewhere the per-(n, c) moments are
