@@ -105,9 +105,9 @@ def _with_weight(t: Tensor, weight: Optional[Tensor]) -> Tensor:
 
 class _ChannelNormFn(torch.autograd.Function):
     """The autograd op behind :func:`channel_norm`. Its one output is ``y``: the group moments, constants
-    for autograd, go to the caller through ``out`` (a list that receives ``mean, m2, running_done``), which
-    keeps the op as light as torch's own norms in the autograd engine (no outputs to wrap, no zero
-    gradients to materialize for them)."""
+    for autograd, go to the caller through ``out`` (a list that receives ``mean, m2, running_done`` and the
+    group's own moments before ``extra`` was merged in, ``own_mean, own_m2``), which keeps the op as light
+    as torch's own norms in the autograd engine (no outputs to wrap, no zero gradients to make for them)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], policy: Policy,
@@ -117,15 +117,23 @@ class _ChannelNormFn(torch.autograd.Function):
         ctx.policy, ctx.mode = policy, mode
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.fused_groups, ctx.fused_batch = 0, False
-        if prepared is None and extra is None and policy.over == "batch" and mode != "rms" and native.supports(x):
+        ctx.fused_groups, ctx.fused_batch, ctx.merged_count = 0, False, None
+        scalar_extra = extra is None or not isinstance(extra.count, Tensor) or extra.count.numel() == 1
+        if prepared is None and scalar_extra and policy.over == "batch" and mode != "rms" and native.supports(x):
             # BatchNorm: both passes, the per-channel algebra and the running statistics in one native call
             in_c = running is not None and native.running_update_applies(running.mean, running.var)
-            y, mean_c, m2_c, rstd_c = native.batch_forward(
-                x, weight, bias, eps, mode, *((running.mean, running.var, running.momentum) if in_c else ()))
+            run = (running.mean, running.var, running.momentum) if in_c else ()
+            if extra is None:
+                y, mean_c, m2_c, rstd_c = native.batch_forward(x, weight, bias, eps, mode, *run)
+                own_c = (mean_c, m2_c)
+            else:  # constant moments merged in (Cross-Iteration BN): the backward runs with the merged count
+                extra_count = float(extra.count)
+                y, mean_c, m2_c, rstd_c, *own_c = native.batch_merged_forward(
+                    x, weight, bias, eps, mode, extra_count, extra.mean, extra.m2, *run)
+                ctx.merged_count = x.numel() // c + extra_count
             ctx.fused_batch = True
             ctx.save_for_backward(x, weight, mean_c, rstd_c, None)
-            out += [mean_c.view(1, c), m2_c.view(1, c), in_c]
+            out += [mean_c.view(1, c), m2_c.view(1, c), in_c, own_c[0].view(1, c), own_c[1].view(1, c)]
             return y
         if prepared is None and extra is None and policy.over != "batch" and x.dim() > 2 and native.supports(x):
             # statistics local to a sample: one fused pass reads each block once (native.group_forward)
@@ -133,7 +141,7 @@ class _ChannelNormFn(torch.autograd.Function):
             y, mean_g, m2_g, rstd_g = native.group_forward(x, groups, weight, bias, eps, mode)
             ctx.fused_groups, ctx.count = groups, policy.group_count(x)
             ctx.save_for_backward(x, weight, mean_g, rstd_g, None)
-            out += [mean_g, m2_g, False]
+            out += [mean_g, m2_g, False, mean_g, m2_g]
             return y
         p = prepared if prepared is not None else kernels.prepare(x)
         group = policy.reduce(p.rows)
@@ -141,6 +149,7 @@ class _ChannelNormFn(torch.autograd.Function):
             # one element per row: only the group shows that the data sits far from 0; centre on it
             p = kernels.prepare(x, shift=policy.expand(group.mean, x.shape[1]))
             group = policy.reduce(p.rows)
+        own = group
         if extra is not None:  # constant moments merged in: the backward below holds with the merged count
             group = group.merge(extra)
         rstd_g = _group_scale(group, eps, mode)
@@ -151,7 +160,7 @@ class _ChannelNormFn(torch.autograd.Function):
         ctx.count = group.count
         # saved: the tensor the forward read, and per-group statistics (per-(n, c) only for a shift)
         ctx.save_for_backward(p.x, weight, group.mean, rstd_g, p.shift)
-        out += [group.mean, group.m2, False]
+        out += [group.mean, group.m2, False, own.mean, own.m2]
         return y
 
     @staticmethod
@@ -162,7 +171,8 @@ class _ChannelNormFn(torch.autograd.Function):
         want_w, want_b = ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.fused_batch or ctx.fused_groups:  # the parameter gradients come out of the kernel too
             if ctx.fused_batch:
-                dx, dweight, dbias = native.batch_backward(dy, x, weight, mean_g, rstd_g, ctx.mode, want_w, want_b)
+                dx, dweight, dbias = native.batch_backward(dy, x, weight, mean_g, rstd_g, ctx.mode, want_w, want_b,
+                                                           ctx.merged_count)
             else:
                 dx, dweight, dbias = native.group_backward(dy, x, ctx.fused_groups, weight, mean_g, rstd_g, ctx.mode,
                                                            want_w, want_b)
@@ -202,6 +212,7 @@ def channel_norm(
     prepared: Optional[kernels.Prepared] = None,
     extra: Optional[Moments] = None,
     running: Optional[Running] = None,
+    own: Optional[list] = None,
 ) -> Tuple[Tensor, Moments]:
     """Normalize ``x`` of shape ``(N, C, *S)`` with statistics of the given :class:`Policy`.
 
@@ -215,20 +226,25 @@ def channel_norm(
     batch policy). The gradient flows through ``x``'s own moments only: with ``M`` the merged count,
     ``d mu / dx = 1 / M`` and ``d var / dx = 2 (x - mu) / M``, so the backward above holds with
     ``M_g = M``. The returned moments are then the merged ones.
-    ``running``: running statistics to update with the returned moments (batch policy: per channel;
-    instance policy: averaged over the batch, see :func:`normzoo.running.update_running_stats`); BatchNorm's
-    native kernel does it in the same call.
+    ``running``: running statistics to update with the group moments of ``x`` itself, before ``extra`` is
+    merged in (batch policy: per channel; instance policy: averaged over the batch, see
+    :func:`normzoo.running.update_running_stats`); BatchNorm's native kernel does it in the same call.
+    ``own``: a list that receives those moments of ``x`` itself (a :class:`Moments`).
     """
     native.wake_workers(x)
     if mode not in ("standard", "mean", "rms"):
         raise ValueError(f"channel_norm: mode must be 'standard', 'mean' or 'rms', got {mode!r}")
     out: list = []
     y = _ChannelNormFn.apply(x, weight, bias, policy, eps, mode, prepared, extra, running, out)
-    mean, m2, running_done = out
+    mean, m2, running_done, own_mean, own_m2 = out
     count = policy.group_count(x)
     moments = Moments(count if extra is None else count + extra.count, mean, m2)
-    if running is not None and not running_done:
-        running.update(moments.reshape(x.shape[1]) if policy.over == "batch" else moments)
+    if running is not None or own is not None:
+        mine = moments if extra is None else Moments(count, own_mean, own_m2)
+        if own is not None:
+            own.append(mine)
+        if running is not None and not running_done:
+            running.update(mine.reshape(x.shape[1]) if policy.over == "batch" else mine)
     return y, moments
 
 

@@ -108,8 +108,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"nz_group_forward_{suf}").argtypes = [P, P, I64, I64, I64, I64, I, P, P, D, I, P, P, P, I]
         getattr(lib, f"nz_group_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I64, I, P, I, P, P, P, P, I]
         getattr(lib, f"nz_batch_forward_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, D, I, P, P, P, P, P, I, D, P, D,
-                                                             D, I]
-        getattr(lib, f"nz_batch_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, I, P, P, I]
+                                                             D, D, P, P, I]
+        getattr(lib, f"nz_batch_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, I, D, P, P, I]
         lib.nz_switch_coefs.argtypes = [I64, I64, I64, P, P, P, P, P, I, I, D, P, P, D, P]
         lib.nz_switch_coefs.restype = None
         lib.nz_switch_grad_coefs.argtypes = [I64, I64, I64, P, P, I, P, P, P, P, P, P, P, P, P, P]
@@ -380,7 +380,7 @@ def batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], e
     ``running_mean``/``running_var`` (where :func:`running_update_applies`) are updated in place,
     ``running += momentum * (batch - running)`` with the unbiased batch variance, as ``torch.lerp_`` would.
     """
-    return _batch_forward(x, weight, bias, eps, mode, running_mean, running_var, momentum, None)[:4]
+    return _batch_forward(x, weight, bias, eps, mode, running_mean, running_var, momentum)[:4]
 
 
 def batch_renorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -390,15 +390,39 @@ def batch_renorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, -d_max, d_max)`` from the
     running statistics, which are then updated in place as in :func:`batch_forward`.
     Returns ``y`` and float64 ``(C,)`` ``mean``, ``M2``, ``rstd``, ``r``, ``d``."""
-    return _batch_forward(x, weight, bias, eps, "standard", running_mean, running_var, momentum, (r_max, d_max))
+    if running_mean is None or running_var is None:
+        raise ValueError("batch_renorm_forward: needs both running_mean and running_var")
+    return _batch_forward(x, weight, bias, eps, "standard", running_mean, running_var, momentum,
+                          limits=(r_max, d_max))[:6]
+
+
+def batch_merged_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
+                         extra_count: float, extra_mean: Tensor, extra_m2: Tensor,
+                         running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+                         momentum: float = 0.0) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """BatchNorm of ``x`` with each channel's batch moments merged with constant ones (``extra_count``
+    elements with mean ``extra_mean`` and M2 ``extra_m2``, float64 ``(C,)``): Cross-Iteration BN's window.
+    Returns ``y``, the merged float64 ``(C,)`` ``mean``, ``M2``, ``rstd``, and the batch's own ``mean``, ``M2``
+    (those update the running statistics, if given). Backward: :func:`batch_backward` with
+    ``count = N * prod(S) + extra_count``."""
+    extra = torch.cat([extra_mean.reshape(-1), extra_m2.reshape(-1)]).to(torch.float64)
+    out = _batch_forward(x, weight, bias, eps, mode, running_mean, running_var, momentum,
+                         extra=(float(extra_count), extra))
+    return out[:4] + out[6:]
 
 
 def _batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
-                   limits: Optional[Tuple[float, float]]) -> Tuple[Tensor, ...]:
+                   limits: Optional[Tuple[float, float]] = None,
+                   extra: Optional[Tuple[float, Tensor]] = None) -> Tuple[Optional[Tensor], ...]:
+    """The one native BatchNorm forward behind the three above: ``(y, mean, M2, rstd, r, d, own mean, own M2)``,
+    ``None`` where not asked for."""
     n, c, l = _dims(x)
     y = torch.empty_like(x)
-    mean, m2, rstd, r, d = _stats(5 if limits else 3, c) + ((None, None) if not limits else ())
+    stats = _stats(3 + 2 * bool(limits) + 2 * bool(extra), c)
+    mean, m2, rstd = stats[:3]
+    r, d = stats[3:5] if limits else (None, None)
+    own = stats[-2:] if extra else (None, None)
     g, b = _param(weight, x.dtype, c), _param(bias, x.dtype, c)
     run_type = 0
     if running_mean is not None or running_var is not None:
@@ -406,28 +430,29 @@ def _batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
             raise ValueError("batch_forward: running statistics must be contiguous (C,) float32, float64 or "
                              "bfloat16 CPU tensors of one dtype")
         run_type = _RUNNING_TYPES[(running_mean if running_mean is not None else running_var).dtype]
-    if limits and (running_mean is None or running_var is None):
-        raise ValueError("batch_renorm_forward: needs both running_mean and running_var")
     r_max, d_max = limits if limits else (0.0, 0.0)
+    count, mm = (n * l + extra[0], extra[1]) if extra else (float(n * l), None)
     _fn("batch_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), _ptr(g), _ptr(b), float(eps),
                                   _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(), _ptr(running_mean),
                                   _ptr(running_var), run_type, float(momentum), _ptr(r), float(r_max), float(d_max),
-                                  _threads(x.numel()))
-    return y, mean, m2, rstd, r, d
+                                  float(count), _ptr(mm), _ptr(own[0]), _threads(x.numel()))
+    return (y, mean, m2, rstd, r, d) + own
 
 
 def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, mode: str,
-                   dgamma: bool = True, dbeta: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                   dgamma: bool = True, dbeta: bool = True,
+                   count: Optional[float] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Backward of :func:`batch_forward`: ``dx``, and where asked for ``(C,)`` ``dgamma``, ``dbeta`` (float32,
-    float64 for float64 input)."""
+    float64 for float64 input). ``count``: the elements behind the statistics when more than the batch's
+    (:func:`batch_merged_forward`)."""
     n, c, l = _dims(x)
     dy = _like(x, dy)
     dx = torch.empty_like(x)
     g = _param(weight, x.dtype, c)
     dg, db = _param_grads(c, x.dtype, dgamma, dbeta)
     _fn("batch_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, layout(x), _ptr(g),
-                                   mean.data_ptr(), rstd.data_ptr(), _MODES[mode], _ptr(dg), _ptr(db),
-                                   _threads(x.numel()))
+                                   mean.data_ptr(), rstd.data_ptr(), _MODES[mode], float(count or 0.0), _ptr(dg),
+                                   _ptr(db), _threads(x.numel()))
     return dx, dg, db
 
 
@@ -554,6 +579,6 @@ def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Te
 
 __all__ = ["library", "status", "set_stream_min", "supports", "layout", "moments", "affine", "grad_sums",
            "affine_grad", "rownorm_forward", "rownorm_backward", "group_forward", "group_backward", "batch_forward",
-           "batch_renorm_forward", "batch_backward", "running_update_applies", "wake_workers", "pool_state",
+           "batch_renorm_forward", "batch_merged_forward", "batch_backward", "running_update_applies", "wake_workers", "pool_state",
            "switch_coefs", "switch_grad_coefs", "SwitchState", "bin_coefs", "bin_grad_coefs", "BinState",
            "PARALLEL_THRESHOLD"]

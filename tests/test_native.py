@@ -315,3 +315,36 @@ def test_mixture_norms_native_algebra_equals_fallback(method, training, dtype, c
     for i, (a, r) in enumerate(zip(run(), fallback(run))):
         t = tol if i < 2 else max(tol, 1e-5)  # the parameters and buffers are float32
         torch.testing.assert_close(a.float(), r.float(), rtol=t, atol=t)
+
+
+@pytest.mark.parametrize("compensate", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cross_iteration_bn_merged_kernel_equals_fallback(compensate, channels_last, fallback):
+    """Cross-Iteration BN on BatchNorm's native kernel (the window's moments merged in per channel, backward
+    with the merged count) equals the PyTorch-operations path over several training steps: outputs,
+    gradients, running statistics and the window's state."""
+    import normzoo
+
+    gen = torch.Generator().manual_seed(10)
+    xs = [torch.randn(6, 3, 9, 8, generator=gen) * 2 + 1 for _ in range(6)]
+    gs = [torch.randn(6, 5, 9, 8, generator=gen) for _ in range(6)]
+
+    def run():
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+        cbn = normzoo.create("cbn2d", 5, window=3, compensate=compensate)
+        if compensate:
+            cbn.attach(conv)
+        opt = torch.optim.SGD(list(conv.parameters()) + list(cbn.parameters()), lr=0.05)
+        outs = []
+        for x, g in zip(xs, gs):
+            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            opt.zero_grad()
+            y = cbn(conv(x))
+            y.backward(g)
+            outs += [y.detach(), cbn.weight.grad.clone(), conv.weight.grad.clone()]
+            opt.step()
+        return outs + [cbn.running_mean, cbn.running_var, cbn.window_mean, cbn.window_var]
+
+    for a, r in zip(run(), fallback(run)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)

@@ -60,11 +60,11 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from normzoo import _checks, kernels
+from normzoo import _checks
 from normzoo.channel_norm import Policy, channel_norm, fixed_affine
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
-from normzoo.running import update_running_stats
+from normzoo.running import Running
 from normzoo.stats import Moments, accumulation_dtype
 
 _Layer = Union[nn.Linear, nn.Conv1d, nn.Conv2d]
@@ -355,19 +355,20 @@ class _CrossIterationBatchNorm(NormBase):
         use_window = k > 1 and step >= self.burn_in
         record = k > 1 and step >= self.burn_in - (k - 1)
         captured = self._take_capture(x) if record and self.compensate else None
-        with torch.no_grad():
-            p = kernels.prepare(x)
-            cur = Policy("batch").reduce(p.rows)  # (1, C)
-            extra = None
-            if use_window:  # the past iterations as constant moments, merged into the batch's in channel_norm
+        extra = None
+        if use_window:  # the past iterations as constant moments, merged into the batch's in channel_norm
+            with torch.no_grad():
                 mean_p, var_p = self._past()
                 counts = self.window_count.unsqueeze(1)
-                extra = Moments(counts, mean_p, var_p * counts).reduce(0, keepdim=True)
-        y, merged = channel_norm(x, self.weight, self.bias, Policy("batch"), self.eps, prepared=p, extra=extra)
+                past = Moments(counts, mean_p, var_p * counts).reduce(0, keepdim=True)
+                extra = Moments(float(self.window_count.sum()), past.mean, past.m2)  # one count for all channels
+        own: list = []
+        running = Running(self.running_mean, self.running_var, factor) if self.track_running_stats else None
+        y, merged = channel_norm(x, self.weight, self.bias, Policy("batch"), self.eps, extra=extra, running=running,
+                                 own=own)
+        cur = own[0]  # the batch's own moments, (1, C)
         if use_window:
             self._keep_window_stats(step, cur, mean_p, var_p, merged)
-        if self.track_running_stats:
-            update_running_stats(self.running_mean, self.running_var, cur.reshape(-1), factor)
         if record:
             self._record(step % (k - 1), cur, captured)
         return y
