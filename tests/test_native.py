@@ -238,21 +238,24 @@ def test_wake_workers_wakes_the_sleeping_pool():
 
     if native.library() is None:
         pytest.skip(f"native kernels unavailable: {native.status()}")
-    x = torch.randn(4, 8, 64, 64)
+    x = torch.randn(4, 8, 64, 64, generator=torch.Generator().manual_seed(11))
     F.group_norm(x, 4)  # the pool exists
     deadline = time.monotonic() + 10
-    while native.pool_state()[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)  # after their spin, idle workers go to sleep
+    while time.monotonic() < deadline:  # idle workers asleep, and no wake-up still in flight: the state holds
+        before = native.pool_state()
+        time.sleep(0.05)
+        if native.pool_state() == before and before[0] > 0:
+            break
     asleep, wakeups = native.pool_state()
-    assert asleep > 0
+    assert asleep > 0, "no worker went to sleep within 10 s of the last kernel"
     native.wake_workers(torch.randn(2, 3))  # too small to be split over threads: wakes nobody
     time.sleep(0.05)
-    assert native.pool_state()[1] == wakeups
+    assert native.pool_state()[1] == wakeups, "a tensor too small for threads woke the pool"
     native.wake_workers(x)
-    while native.pool_state()[1] == wakeups and time.monotonic() < deadline:
+    while native.pool_state()[1] == wakeups and time.monotonic() < deadline + 10:
         time.sleep(0.001)
-    assert native.pool_state()[1] > wakeups
-    torch.testing.assert_close(F.group_norm(x, 4), torch.nn.functional.group_norm(x, 4), rtol=1e-4, atol=1e-5)
+    assert native.pool_state()[1] > wakeups, "wake_workers did not wake a sleeping worker"
+    torch.testing.assert_close(F.group_norm(x, 4), torch.nn.functional.group_norm(x, 4), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("buffers", [torch.float32, torch.float64, torch.bfloat16])
