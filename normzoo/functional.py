@@ -149,11 +149,11 @@ def _last_dims_norm(name: str, input: Tensor, normalized_shape: _Shape, weight: 
     _checks.check_param(name, "weight", weight, shape)
     _checks.check_param(name, "bias", bias, shape)
     d = math.prod(shape)
+    if row_norm.applies(input, d):  # one op on the input as it is: no reshape nodes in the graph
+        return row_norm.row_norm(input, weight, bias, d, eps, mode == "rms")
     rows = input.reshape(-1, d)
     w = weight.reshape(d) if weight is not None else None
     b = bias.reshape(d) if bias is not None else None
-    if rows.shape[0] and row_norm.applies(rows):
-        return row_norm.row_norm(rows, w, b, eps, mode == "rms").view(input.shape)
     y, _ = channel_norm(rows, w, b, Policy("group", 1), eps, mode=mode)
     return y.view(input.shape)
 

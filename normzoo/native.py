@@ -551,10 +551,12 @@ def bin_grad_coefs(count: int, use_batch: bool, weight: Optional[Tensor], state:
 
 # -- the fused row passes (LayerNorm / RMSNorm over the last dims) ------------------------------------
 
-def rownorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                    rms: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Rows ``x`` of shape ``(R, D)`` (contiguous): ``y``, per-row ``centre`` and ``rstd`` (float64 ``(R,)``)."""
-    r, d = x.shape
+def rownorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,
+                    d: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Rows of ``d`` values (default: the last dim) of contiguous ``x``, each normalized with a per-column
+    affine: ``y`` (like ``x``), per-row ``centre`` and ``rstd`` (float64 ``(R,)``, ``R = x.numel() / d``)."""
+    d = x.shape[-1] if d is None else d
+    r = x.numel() // d
     y = torch.empty_like(x)
     centre, rstd = _stats(2, r)
     g, b = _param(weight, x.dtype, d), _param(bias, x.dtype, d)
@@ -564,10 +566,12 @@ def rownorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 
 
 def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Tensor, rstd: Tensor, rms: bool,
-                     dgamma: bool = True, dbeta: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                     dgamma: bool = True, dbeta: bool = True,
+                     d: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """``dx`` (like ``x``), and where asked for the column sums ``dgamma = sum dy * x_hat``, ``dbeta = sum dy``
-    (``(D,)``, float32, float64 for float64 input)."""
-    r, d = x.shape
+    (``(D,)``, float32, float64 for float64 input). Rows as in :func:`rownorm_forward`."""
+    d = x.shape[-1] if d is None else d
+    r = x.numel() // d
     dy = dy.to(x.dtype).contiguous()
     dx = torch.empty_like(x)
     g = _param(weight, x.dtype, d)

@@ -24,13 +24,17 @@ from normzoo import native
 
 
 class _RowNormFn(torch.autograd.Function):
+    """One op on the input as it is (any shape whose trailing dims hold the ``D`` normalized values, contiguous):
+    the kernels read it as rows of ``D`` values, so no reshape of the input, the output or the parameters adds
+    a node to the graph."""
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], d: int, eps: float,
                 rms: bool) -> Tensor:
-        y, centre, rstd = native.rownorm_forward(x, weight, bias, eps, rms)
-        ctx.rms = rms
+        y, centre, rstd = native.rownorm_forward(x, weight, bias, eps, rms, d)
+        ctx.rms, ctx.d = rms, d
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.bias_shape = (bias.dtype, bias.shape) if bias is not None else None
         ctx.save_for_backward(x, weight, centre, rstd)
         return y
 
@@ -39,22 +43,24 @@ class _RowNormFn(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
         x, weight, centre, rstd = ctx.saved_tensors
         native.wake_workers(x)
+        d = ctx.d
         want_w, want_b = ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        dx, dgamma, dbeta = native.rownorm_backward(dy, x, weight, centre, rstd, ctx.rms, want_w, want_b)
-        dw = dgamma.to(weight.dtype) if want_w else None
-        db = dbeta.to(ctx.bias_dtype) if want_b else None
-        return (dx if ctx.needs_input_grad[0] else None), dw, db, None, None
+        dx, dgamma, dbeta = native.rownorm_backward(dy, x, weight, centre, rstd, ctx.rms, want_w, want_b, d)
+        dw = dgamma.to(weight.dtype).view(weight.shape) if want_w else None
+        db = dbeta.to(ctx.bias_shape[0]).view(ctx.bias_shape[1]) if want_b else None
+        return (dx if ctx.needs_input_grad[0] else None), dw, db, None, None, None
 
 
-def applies(rows: Tensor) -> bool:
-    """Whether the fused native row kernels can take these ``(R, D)`` rows."""
-    return rows.dim() == 2 and rows.is_contiguous() and native.supports(rows)
+def applies(x: Tensor, d: int) -> bool:
+    """Whether the fused native row kernels can take ``x`` as rows of ``d`` values (contiguous, d > 0)."""
+    return d > 0 and x.numel() > 0 and x.is_contiguous() and native.supports(x)
 
 
-def row_norm(rows: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool) -> Tensor:
-    """``(R, D)`` contiguous rows normalized over ``D`` with a per-column affine (``weight``/``bias`` of size D)."""
-    native.wake_workers(rows)
-    return _RowNormFn.apply(rows, weight, bias, eps, rms)
+def row_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], d: int, eps: float, rms: bool) -> Tensor:
+    """``x`` (contiguous, its trailing dims holding ``d`` values per row) normalized over each row with a
+    per-column affine (``weight``/``bias`` of ``d`` values, any shape); the result has ``x``'s shape."""
+    native.wake_workers(x)
+    return _RowNormFn.apply(x, weight, bias, d, eps, rms)
 
 
 __all__ = ["row_norm", "applies"]
