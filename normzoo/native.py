@@ -1,9 +1,9 @@
 """Native CPU kernels for the passes over full-size tensors, built on first use.
 
 The kernels (``normzoo/_native/kernels.c.in``) are plain C, vectorized by the compiler and run on a
-small pthread pool: no PyTorch headers, so they compile in about a second with the system C compiler
-(``$CC`` or ``cc``/``gcc``), into a per-user cache (``$NORMZOO_CACHE`` or ``~/.cache/normzoo``) keyed by
-the source, the compiler and the CPU. They are loaded with :mod:`ctypes` and called on tensors' data
+small pthread pool. They need no PyTorch headers: the system C compiler (``$CC`` or ``cc``/``gcc``) builds
+them once per machine (10-15 s), into a per-user cache (``$NORMZOO_CACHE`` or ``~/.cache/normzoo``) keyed
+by the source, the compiler and the CPU. They are loaded with :mod:`ctypes` and called on tensors' data
 pointers.
 
 Where they do not apply (no compiler, ``NORMZOO_NATIVE=0``, a GPU tensor, float16, a layout that is
@@ -82,6 +82,7 @@ def _build() -> ctypes.CDLL:
     cache = Path(os.environ.get("NORMZOO_CACHE", Path.home() / ".cache" / "normzoo"))
     lib_path = cache / f"kernels-{key}.so"
     if not lib_path.exists():
+        print(f"normzoo: building the native CPU kernels into {cache} (once, about 15 s)", file=sys.stderr)
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             c_file = Path(tmp) / "kernels.c"
