@@ -172,7 +172,7 @@ def wake_workers(x: Tensor) -> None:
     kernel. A no-op when no worker sleeps, for small tensors, or without the native kernels (it never builds
     them).
     """
-    if _lib is not None and x.numel() >= PARALLEL_THRESHOLD and torch.get_num_threads() > 1:
+    if _lib is not None and x.is_cpu and x.numel() >= PARALLEL_THRESHOLD and torch.get_num_threads() > 1:
         _lib.nz_pool_wake()
 
 
