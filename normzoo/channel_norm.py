@@ -125,7 +125,7 @@ class _ChannelNormFn(torch.autograd.Function):
             run = (running.mean, running.var, running.momentum) if in_c else ()
             if extra is None:
                 y, mean_c, m2_c, rstd_c = native.batch_forward(x, weight, bias, eps, mode, *run)
-                own_c = (mean_c, m2_c)
+                own_c = ()
             else:  # constant moments merged in (Cross-Iteration BN): the backward runs with the merged count
                 extra_count = float(extra.count)
                 y, mean_c, m2_c, rstd_c, *own_c = native.batch_merged_forward(
@@ -133,7 +133,9 @@ class _ChannelNormFn(torch.autograd.Function):
                 ctx.merged_count = x.numel() // c + extra_count
             ctx.fused_batch = True
             ctx.save_for_backward(x, weight, mean_c, rstd_c, None)
-            out += [mean_c.view(1, c), m2_c.view(1, c), in_c, own_c[0].view(1, c), own_c[1].view(1, c)]
+            mean_g, m2_g = mean_c.view(1, c), m2_c.view(1, c)
+            own_g = (mean_g, m2_g) if extra is None else (own_c[0].view(1, c), own_c[1].view(1, c))
+            out += [mean_g, m2_g, in_c, *own_g]
             return y
         if prepared is None and extra is None and policy.over != "batch" and x.dim() > 2 and native.supports(x):
             # statistics local to a sample: one fused pass reads each block once (native.group_forward)

@@ -367,10 +367,13 @@ _RUNNING_TYPES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3}
 def running_update_applies(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> bool:
     """Whether :func:`batch_forward` can update these running statistics in place: CPU, float32, float64 or
     bfloat16, contiguous ``(C,)``, the two of one dtype (either may be ``None``)."""
-    given = [t for t in (running_mean, running_var) if t is not None]
-    return bool(given) and all(
-        t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous() and t.dtype == given[0].dtype
-        and t.dtype in _RUNNING_TYPES for t in given)
+    first = running_mean if running_mean is not None else running_var
+    if first is None or first.dtype not in _RUNNING_TYPES:
+        return False
+    for t in (running_mean, running_var):
+        if t is not None and not (t.is_cpu and t.dim() == 1 and t.is_contiguous() and t.dtype == first.dtype):
+            return False
+    return True
 
 
 def batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
