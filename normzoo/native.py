@@ -111,11 +111,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"nz_batch_forward_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, D, I, P, P, P, P, P, I, D, P, D,
                                                              D, D, P, P, I]
         getattr(lib, f"nz_batch_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, I, D, P, P, I]
-        lib.nz_switch_coefs.argtypes = [I64, I64, I64, P, P, P, P, P, I, I, D, P, P, D, P]
+        lib.nz_switch_coefs.argtypes = [I64, I64, I64, P, P, P, P, P, I, I, D, P, P, D, P, P]
         lib.nz_switch_coefs.restype = None
         lib.nz_switch_grad_coefs.argtypes = [I64, I64, I64, P, P, I, P, P, P, P, P, P, P, P, P, P]
         lib.nz_switch_grad_coefs.restype = None
-        lib.nz_bin_coefs.argtypes = [I64, I64, I64, P, P, P, P, P, I, I, D, P, P, D, P]
+        lib.nz_bin_coefs.argtypes = [I64, I64, I64, P, P, P, P, P, I, I, D, P, P, D, P, P]
         lib.nz_bin_coefs.restype = None
         lib.nz_bin_grad_coefs.argtypes = [I64, I64, I64, I, P, P, P, P, P, P, P, P, P, P]
         lib.nz_bin_grad_coefs.restype = None
@@ -462,16 +462,17 @@ def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor
 
 # -- Switchable Normalization's O(N C) mixing algebra (the passes over x are moments/affine/grad_sums) ----
 class SwitchState:
-    """Float64 views of the state :func:`switch_coefs` writes: per (n, c) ``mean``, ``var``, ``rstd``, the
-    affine ``a``, ``b``; per sample ``mu_l``, ``var_l``; per channel ``mu_b``, ``m2_b``, ``var_b``; the mixing
-    weights ``p`` (means) and ``q`` (variances), order IN, LN, BN."""
+    """Float64 views of what :func:`switch_coefs` writes. ``buf`` (what the backward needs): per (n, c)
+    ``mean``, ``var``, ``rstd``; per sample ``mu_l``, ``var_l``; per channel ``mu_b``, ``m2_b``, ``var_b``; the
+    mixing weights ``p`` (means) and ``q`` (variances), order IN, LN, BN. ``ab`` (forward only, may be
+    ``None``): the affine map ``a``, ``b`` per (n, c)."""
 
-    def __init__(self, buf: Tensor, n: int, c: int) -> None:
+    def __init__(self, buf: Tensor, n: int, c: int, ab: Optional[Tensor] = None) -> None:
         self.buf = buf
-        nc = n * c
-        (self.mean, self.var, self.rstd, self.a, self.b, self.mu_l, self.var_l, self.mu_b, self.m2_b, self.var_b,
-         self.p, self.q) = (v.view(n, c) if v.numel() == nc and i < 5 else v
-                            for i, v in enumerate(buf.split([nc] * 5 + [n, n, c, c, c, 3, 3])))
+        parts = buf.split([n * c] * 3 + [n, n, c, c, c, 3, 3])
+        self.mean, self.var, self.rstd = (v.view(n, c) for v in parts[:3])
+        self.mu_l, self.var_l, self.mu_b, self.m2_b, self.var_b, self.p, self.q = parts[3:]
+        self.a, self.b = ab.view(2, n, c).unbind(0) if ab is not None else (None, None)
 
 
 def switch_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, logits: Tensor, running_mean: Optional[Tensor],
@@ -483,14 +484,15 @@ def switch_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, logits: Tensor,
     logits). With ``use_batch`` and running buffers (:func:`running_update_applies`), those are updated in
     place with the batch's BN statistics."""
     n, c = rows_mean.shape
-    buf = torch.empty(5 * n * c + 2 * n + 3 * c + 6, dtype=torch.float64)
+    buf = torch.empty(3 * n * c + 2 * n + 3 * c + 6, dtype=torch.float64)
+    ab = torch.empty(2 * n * c, dtype=torch.float64)
     given = running_mean is not None or running_var is not None
     run_type = _RUNNING_TYPES[(running_mean if running_mean is not None else running_var).dtype] if given else 0
     g, b = _param(weight, torch.float64, c), _param(bias, torch.float64, c)
     library().nz_switch_coefs(n, c, count, rows_mean.data_ptr(), rows_m2.data_ptr(), logits.data_ptr(),
                               _ptr(running_mean), _ptr(running_var), run_type, int(use_batch), float(momentum),
-                              _ptr(g), _ptr(b), float(eps), buf.data_ptr())
-    return SwitchState(buf, n, c)
+                              _ptr(g), _ptr(b), float(eps), buf.data_ptr(), ab.data_ptr())
+    return SwitchState(buf, n, c, ab)
 
 
 def switch_grad_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, use_batch: bool, weight: Optional[Tensor],
@@ -511,15 +513,16 @@ def switch_grad_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, use_batch:
 
 # -- Batch-Instance Normalization's O(N C) blend algebra ------------------------------------------------
 class BinState:
-    """Float64 views of the state :func:`bin_coefs` writes: per (n, c) the affine ``a``, ``b`` (around the
-    instance mean), ``rstd_i``, ``delta = mu_nc - mu_B``; per channel ``rstd_b``, the clamped gate ``g``,
-    ``mu_b``, ``m2_b``."""
+    """Float64 views of what :func:`bin_coefs` writes. ``buf`` (what the backward needs): per (n, c)
+    ``rstd_i``, ``delta = mu_nc - mu_B``; per channel ``rstd_b``, the clamped gate ``g``, ``mu_b``, ``m2_b``.
+    ``ab`` (forward only, may be ``None``): the affine map ``a``, ``b`` per (n, c), around the instance mean."""
 
-    def __init__(self, buf: Tensor, n: int, c: int) -> None:
+    def __init__(self, buf: Tensor, n: int, c: int, ab: Optional[Tensor] = None) -> None:
         self.buf = buf
-        parts = buf.split([n * c] * 4 + [c] * 4)
-        self.a, self.b, self.rstd_i, self.delta = (v.view(n, c) for v in parts[:4])
-        self.rstd_b, self.g, self.mu_b, self.m2_b = parts[4:]
+        parts = buf.split([n * c] * 2 + [c] * 4)
+        self.rstd_i, self.delta = (v.view(n, c) for v in parts[:2])
+        self.rstd_b, self.g, self.mu_b, self.m2_b = parts[2:]
+        self.a, self.b = ab.view(2, n, c).unbind(0) if ab is not None else (None, None)
 
 
 def bin_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, rho: Tensor, running_mean: Optional[Tensor],
@@ -529,14 +532,15 @@ def bin_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, rho: Tensor, runni
     positions each): BN statistics merged from them (or the running ones when not ``use_batch``), the gate
     ``clamp(rho, 0, 1)``. With ``use_batch`` and running buffers, those are updated in place."""
     n, c = rows_mean.shape
-    buf = torch.empty(4 * n * c + 4 * c, dtype=torch.float64)
+    buf = torch.empty(2 * n * c + 4 * c, dtype=torch.float64)
+    ab = torch.empty(2 * n * c, dtype=torch.float64)
     given = running_mean is not None or running_var is not None
     run_type = _RUNNING_TYPES[(running_mean if running_mean is not None else running_var).dtype] if given else 0
     g, b, r = _param(weight, torch.float64, c), _param(bias, torch.float64, c), _param(rho, torch.float64, c)
     library().nz_bin_coefs(n, c, count, rows_mean.data_ptr(), rows_m2.data_ptr(), r.data_ptr(), _ptr(running_mean),
                            _ptr(running_var), run_type, int(use_batch), float(momentum), _ptr(g), _ptr(b), float(eps),
-                           buf.data_ptr())
-    return BinState(buf, n, c)
+                           buf.data_ptr(), ab.data_ptr())
+    return BinState(buf, n, c, ab)
 
 
 def bin_grad_coefs(count: int, use_batch: bool, weight: Optional[Tensor], state: BinState, s1: Tensor,

@@ -122,19 +122,20 @@ class _BatchInstanceNormNativeFn(torch.autograd.Function):
         st = native.bin_coefs(*moments, count, rho, running_mean if read else None, running_var if read else None,
                               use_batch, momentum, weight, bias, eps)
         y = native.affine(x, st.a, rows_mean, st.b)
-        ctx.count, ctx.use_batch, ctx.st = count, use_batch, st
+        ctx.count, ctx.use_batch = count, use_batch
         ctx.dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None,
                       rho.dtype)
-        ctx.save_for_backward(x, weight, rows_mean)
+        ctx.save_for_backward(x, weight, rows_mean, st.buf)  # st.buf: O(N C), counted as saved
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
-        x, weight, rows_mean = ctx.saved_tensors
+        x, weight, rows_mean, buf = ctx.saved_tensors
         native.wake_workers(x)
         s1, t = native.grad_sums(dy, x, rows_mean)
-        dg, db, dr, k1, k2, k3 = native.bin_grad_coefs(ctx.count, ctx.use_batch, weight, ctx.st, s1, t)
+        st = native.BinState(buf, *rows_mean.shape)
+        dg, db, dr, k1, k2, k3 = native.bin_grad_coefs(ctx.count, ctx.use_batch, weight, st, s1, t)
         dx = native.affine_grad(dy, x, k1, k2, rows_mean, k3) if ctx.needs_input_grad[0] else None
         wd, bd, rd = ctx.dtypes
         dweight = dg.to(wd) if weight is not None and ctx.needs_input_grad[1] else None

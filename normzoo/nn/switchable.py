@@ -140,16 +140,15 @@ class _SwitchNormNativeFn(torch.autograd.Function):
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.param_dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None,
                             mean_logits.dtype, var_logits.dtype)
-        ctx.st = st
-        ctx.save_for_backward(x, weight, rows_mean, rows_m2)
+        ctx.save_for_backward(x, weight, rows_mean, rows_m2, st.buf)  # st.buf: O(N C), counted as saved
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
-        x, weight, rows_mean, rows_m2 = ctx.saved_tensors
+        x, weight, rows_mean, rows_m2, buf = ctx.saved_tensors
         native.wake_workers(x)
-        st = ctx.st
+        st = native.SwitchState(buf, *rows_mean.shape)
         s1, t = native.grad_sums(dy, x, st.mean)
         dg, db, dl, k1, k2, k3 = native.switch_grad_coefs(rows_mean, rows_m2, ctx.count, ctx.use_batch, weight, st,
                                                           s1, t)
