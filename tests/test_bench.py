@@ -242,6 +242,17 @@ def test_interleaved_rotates_and_counts_rounds():
         harness.interleaved(fns, rounds=0)
 
 
+def test_interleaved_pauses_before_every_call():
+    """settle_s: an untimed pause before each call (other contenders' worker threads go to sleep first)."""
+    import time
+
+    stamps = []
+    fns = {k: (lambda: stamps.append(time.perf_counter())) for k in "ab"}
+    times = harness.interleaved(fns, rounds=2, warmup=0, max_repeats=1, settle_s=0.005)
+    assert len(stamps) == 4 and all(later - earlier >= 0.005 for earlier, later in zip(stamps, stamps[1:]))
+    assert min(t for ts in times.values() for t in ts) < 0.005  # the pause itself is not timed
+
+
 def test_omp_wait_policy_is_only_set_before_torch_loads(monkeypatch):
     import subprocess
     import sys

@@ -10,7 +10,9 @@ differences we want to see. The rules this module implements (see DESIGN.md, "Me
 * **Threads.** :func:`torch_threads` fixes ``torch.set_num_threads`` for the run and restores it after.
 * **Interleaved rounds.** :func:`interleaved` runs the contenders A, B, C, A, B, C, ... (rotating which
   goes first), so slow drifts in the machine's load hit every contender alike; the statistic is the median.
-  Cheap contenders are called a few times in a row per round (more samples for the same time).
+  Cheap contenders are called a few times in a row per round (more samples for the same time). A short
+  untimed pause before each call lets every contender's worker threads go to sleep first, so none is slowed
+  by another's spinning threads (:data:`SETTLE_S`).
 * **Load.** :class:`CpuMeter` measures how much CPU *other* processes used while we ran (from
   ``/proc/stat`` minus our own CPU time), next to ``os.getloadavg()``.
 """
@@ -31,6 +33,9 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 import torch
 
 ALLOCATOR_MODES = ("tuned", "default")
+#: Untimed pause before each timed call (seconds): longer than the 100 us that normzoo's native worker
+#: threads spin after a kernel, so that no contender runs while another's threads still spin.
+SETTLE_S = 300e-6
 
 # glibc mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -112,7 +117,7 @@ Contender = Callable[[], object]
 
 def interleaved(contenders: Mapping[str, Contender], rounds: int, warmup: int = 1,
                 budget_s: Optional[float] = None, min_rounds: int = 1,
-                max_repeats: int = 8) -> Dict[str, List[float]]:
+                max_repeats: int = 8, settle_s: float = 0.0) -> Dict[str, List[float]]:
     """Time the contenders in interleaved rounds; return every timed call, in seconds.
 
     Round ``r`` runs the contenders in their given order rotated by ``r`` (A,B,C then B,C,A ...), each
@@ -122,6 +127,9 @@ def interleaved(contenders: Mapping[str, Contender], rounds: int, warmup: int = 
     round (:func:`plan_repeats`), so that a 1 ms copy gets as many samples as fit beside a 100 ms layer and
     one scheduler stall cannot decide its median; and with ``budget_s`` the number of rounds is as many as
     fit in ``budget_s``, clamped to ``[min_rounds, rounds]`` (otherwise ``rounds``).
+    ``settle_s``: an untimed pause before every call, so that worker threads another contender left spinning
+    (normzoo's spin for 100 us after a kernel) have gone to sleep: no contender starts while another's threads
+    still hold a core, and each starts with its thread pool as cold as after a layer of other work.
     Returns ``{name: [t_call0, t_call1, ...]}`` (at least one sample per round per name).
     """
     names = list(contenders)
@@ -138,6 +146,8 @@ def interleaved(contenders: Mapping[str, Contender], rounds: int, warmup: int = 
         for name in names[k:] + names[:k]:
             fn = contenders[name]
             for _ in range(repeats[name]):
+                if settle_s > 0:
+                    time.sleep(settle_s)
                 start = time.perf_counter()
                 fn()
                 last[name] = time.perf_counter() - start

@@ -234,7 +234,8 @@ def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequen
             if contenders:
                 meter = harness.CpuMeter().start()
                 t_timed = time.perf_counter()
-                times = harness.interleaved(contenders, rounds, warmup, budget_s=share, min_rounds=min_rounds)
+                times = harness.interleaved(contenders, rounds, warmup, budget_s=share, min_rounds=min_rounds,
+                                            settle_s=harness.SETTLE_S)
                 timed = time.perf_counter() - t_timed
                 n_rounds = min(len(v) for v in times.values())  # the most expensive contender runs once a round
                 if budget_left is not None:
@@ -261,7 +262,8 @@ def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequen
         "settings": {"layers": [s.name for s in specs], "shapes": [list(s) for s in shape_list],
                      "dtypes": dtype_names, "memory_formats": formats, "rounds": rounds, "min_rounds": min_rounds,
                      "warmup": warmup, "budget_s": budget_s, "quick": quick, "seed": seed},
-        "method": ("training mode; medians of interleaved rounds; forward = training forward with autograd "
+        "method": ("training mode; medians of interleaved rounds, each call after an untimed pause of "
+                   f"{harness.SETTLE_S * 1e6:.0f} us (thread pools asleep); forward = training forward with autograd "
                    "recording; forward+backward = forward + torch.autograd.grad w.r.t. input and parameters; "
                    "bandwidth floor 2 x bytes forward, 5 x bytes forward+backward; copy = Tensor.copy_ into a "
                    "preallocated tensor of the same size and layout, 2 x bytes"),
