@@ -206,7 +206,7 @@ class _CrossIterationBatchNorm(NormBase):
         self.__dict__["_layer"] = None  # the preceding layer: not a submodule (it belongs to the model)
         self._hook: Any = None
         self._captured: Optional[Tuple[Tensor, Tensor]] = None
-        self.last_window: Optional[WindowStats] = None
+        self._window_parts: Any = None  # what last_window is built from (see _keep_window_stats), or the built one
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -220,6 +220,28 @@ class _CrossIterationBatchNorm(NormBase):
             self.reset_window()
 
     @property
+    def last_window(self) -> Optional[WindowStats]:
+        """The statistics behind the last training step that used the window (None before), built on first
+        access from what the step kept (the window buffers as they were then)."""
+        parts = self._window_parts
+        if parts is None or isinstance(parts, WindowStats):
+            return parts
+        cur, count, mean_p, var_p, raw_mean, raw_var, merged = parts
+        cm = cur.mean.reshape(1, -1).to(mean_p.dtype)
+        cv = (cur.m2.reshape(1, -1) / cur.count).to(var_p.dtype)
+        stats = WindowStats(
+            count=torch.cat([count.new_tensor([float(cur.count)]), count]),
+            mean=torch.cat([cm, mean_p]).detach(),
+            var=torch.cat([cv, var_p]).detach(),
+            raw_mean=torch.cat([cm, raw_mean]).detach(),
+            raw_var=torch.cat([cv, raw_var]).detach(),
+            window_mean=merged.mean.reshape(-1).detach(),
+            window_var=merged.var(0).reshape(-1).detach(),
+        )
+        self._window_parts = stats
+        return stats
+
+    @property
     def layer(self) -> Optional[nn.Module]:
         """The attached preceding layer, or None."""
         return self.__dict__["_layer"]
@@ -228,7 +250,7 @@ class _CrossIterationBatchNorm(NormBase):
         """Forget the stored iterations (the iteration count is kept)."""
         if "window_count" in self._buffers:
             self.window_count.zero_()
-        self.last_window = None
+        self._window_parts = None
 
     def reset_running_stats(self) -> None:
         """BatchNorm's reset, and the window and iteration count too."""
@@ -374,19 +396,15 @@ class _CrossIterationBatchNorm(NormBase):
         return y
 
     def _keep_window_stats(self, step: int, cur: Moments, mean_p: Tensor, var_p: Tensor, merged: Moments) -> None:
-        order = [(step - 1 - i) % (self.window - 1) for i in range(self.window - 1)]  # newest first
-        cm = cur.mean.reshape(1, -1).to(mean_p.dtype)
-        cv = (cur.m2.reshape(1, -1) / cur.count).to(var_p.dtype)
-        count = torch.cat([self.window_count.new_tensor([float(cur.count)]), self.window_count[order]])
-        self.last_window = WindowStats(
-            count=count,
-            mean=torch.cat([cm, mean_p[order]]).detach(),
-            var=torch.cat([cv, var_p[order]]).detach(),
-            raw_mean=torch.cat([cm, self.window_mean[order]]).detach(),
-            raw_var=torch.cat([cv, self.window_var[order]]).detach(),
-            window_mean=merged.mean.reshape(-1).detach(),
-            window_var=merged.var(0).reshape(-1).detach(),
-        )
+        """Keep what :attr:`last_window` is built from: the past slots newest first, copied now (the buffers
+        change when this step is recorded), the rest as computed; the cats wait for an access."""
+        order = torch.tensor([(step - 1 - i) % (self.window - 1) for i in range(self.window - 1)])  # newest first
+        raw_mean, raw_var = self.window_mean[order], self.window_var[order]
+        if mean_p is self.window_mean and var_p is self.window_var:  # no compensation: the same statistics
+            mean_o, var_o = raw_mean, raw_var
+        else:
+            mean_o, var_o = mean_p[order], var_p[order]
+        self._window_parts = (cur, self.window_count[order], mean_o, var_o, raw_mean, raw_var, merged)
 
 
 @register("cbn1d", "crossiterationbatchnorm1d")
