@@ -376,6 +376,16 @@ def running_update_applies(running_mean: Optional[Tensor], running_var: Optional
     return True
 
 
+def _running_type(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> int:
+    """The kernels' code for the running buffers' type (0: none given); they must be ones the kernels can take."""
+    if running_mean is None and running_var is None:
+        return 0
+    if not running_update_applies(running_mean, running_var):
+        raise ValueError("native kernels: running statistics must be contiguous (C,) float32, float64 or bfloat16 "
+                         "CPU tensors of one dtype")
+    return _RUNNING_TYPES[(running_mean if running_mean is not None else running_var).dtype]
+
+
 def batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
                   running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
                   momentum: float = 0.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -428,12 +438,7 @@ def _batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     r, d = stats[3:5] if limits else (None, None)
     own = stats[-2:] if extra else (None, None)
     g, b = _param(weight, x.dtype, c), _param(bias, x.dtype, c)
-    run_type = 0
-    if running_mean is not None or running_var is not None:
-        if not running_update_applies(running_mean, running_var):
-            raise ValueError("batch_forward: running statistics must be contiguous (C,) float32, float64 or "
-                             "bfloat16 CPU tensors of one dtype")
-        run_type = _RUNNING_TYPES[(running_mean if running_mean is not None else running_var).dtype]
+    run_type = _running_type(running_mean, running_var)
     r_max, d_max = limits if limits else (0.0, 0.0)
     count, mm = (n * l + extra[0], extra[1]) if extra else (float(n * l), None)
     _fn("batch_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), _ptr(g), _ptr(b), float(eps),
@@ -486,8 +491,7 @@ def switch_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, logits: Tensor,
     n, c = rows_mean.shape
     buf = torch.empty(3 * n * c + 2 * n + 3 * c + 6, dtype=torch.float64)
     ab = torch.empty(2 * n * c, dtype=torch.float64)
-    given = running_mean is not None or running_var is not None
-    run_type = _RUNNING_TYPES[(running_mean if running_mean is not None else running_var).dtype] if given else 0
+    run_type = _running_type(running_mean, running_var)
     g, b = _param(weight, torch.float64, c), _param(bias, torch.float64, c)
     library().nz_switch_coefs(n, c, count, rows_mean.data_ptr(), rows_m2.data_ptr(), logits.data_ptr(),
                               _ptr(running_mean), _ptr(running_var), run_type, int(use_batch), float(momentum),
@@ -534,8 +538,7 @@ def bin_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, rho: Tensor, runni
     n, c = rows_mean.shape
     buf = torch.empty(2 * n * c + 4 * c, dtype=torch.float64)
     ab = torch.empty(2 * n * c, dtype=torch.float64)
-    given = running_mean is not None or running_var is not None
-    run_type = _RUNNING_TYPES[(running_mean if running_mean is not None else running_var).dtype] if given else 0
+    run_type = _running_type(running_mean, running_var)
     g, b, r = _param(weight, torch.float64, c), _param(bias, torch.float64, c), _param(rho, torch.float64, c)
     library().nz_bin_coefs(n, c, count, rows_mean.data_ptr(), rows_m2.data_ptr(), r.data_ptr(), _ptr(running_mean),
                            _ptr(running_var), run_type, int(use_batch), float(momentum), _ptr(g), _ptr(b), float(eps),
