@@ -1,7 +1,7 @@
 """Native CPU kernels for the passes over full-size tensors, built on first use.
 
-The kernels (``normzoo/_native/kernels.c.in``) are plain C, vectorized by the compiler and run on a
-small pthread pool. They need no PyTorch headers: the system C compiler (``$CC`` or ``cc``/``gcc``) builds
+The kernels (``normzoo/_native/kernels.c.in``, the core, and method-specific ``_native/*.c.in`` files compiled
+with it as one unit) are plain C, vectorized by the compiler and run on a small pthread pool. They need no PyTorch headers: the system C compiler (``$CC`` or ``cc``/``gcc``) builds
 them once per machine (10-15 s), into a per-user cache (``$NORMZOO_CACHE`` or ``~/.cache/normzoo``) keyed
 by the source, the compiler and the CPU. They are loaded with :mod:`ctypes` and called on tensors' data
 pointers.
@@ -44,8 +44,14 @@ _why_not: Optional[str] = None
 _loaded = False
 
 
-def _source_text() -> str:
-    text = _SOURCE.read_text()
+def _sources() -> Tuple[Path, ...]:
+    """The C sources, compiled as one unit: the core (:data:`_SOURCE`: pool, loads and stores, the statistics
+    passes) first, then the method-specific files beside it (``_native/*.c.in``) in name order."""
+    return (_SOURCE,) + tuple(sorted(p for p in _SOURCE.parent.glob("*.c.in") if p != _SOURCE))
+
+
+def _instantiate(text: str) -> str:
+    """A source with its ``BEGIN_TYPED``/``END_TYPED`` section written out once per dtype in :data:`_TYPES`."""
     head, rest = text.split("/* BEGIN_TYPED */", 1)
     typed, tail = rest.split("/* END_TYPED */", 1)
     parts = [head]
@@ -54,6 +60,10 @@ def _source_text() -> str:
                      .replace("$ST", st))
     parts.append(tail)
     return "".join(parts)
+
+
+def _source_text() -> str:
+    return "".join(_instantiate(p.read_text()) for p in _sources())
 
 
 def _compiler() -> Optional[str]:
