@@ -30,14 +30,26 @@ Conventions where the paper and common code differ:
   authors' reference code averages the biased variance with decay 0.99, i.e. momentum 0.01);
   ``momentum=None`` gives the cumulative average. Eval without ``track_running_stats`` uses batch
   statistics, as torch's BatchNorm.
-- **Numerics**: the reference code computes ``E[x^2] - E[x]^2``; here per-(n, c) moments come from a
-  stable reduction (``torch.var_mean``, accumulated in float32, float64 for float64 input) and are merged
-  into batch or group moments with :meth:`normzoo.stats.Moments.reduce` (Chan's formula); groups whose
-  mean is large next to their spread are recomputed around their (constant) mean (:func:`merged_moments`),
-  so a channel with mean 1e4 and std 1e-2 keeps its variance in float32. A constant input gives a finite
-  output (the variances are 0 and ``eps`` keeps the denominators positive). The gradient is autograd's
-  through the whole formula, the paths through the variances included (the statistics are not treated
-  as constants); the graph is rebuilt in backward (:class:`_Rematerialize`), so only the input and the
+- **Ties** (B0): where ``sqrt(s2_batch + eps) == v x + sqrt(s2_inst + eps)`` each side of the max gets half
+  of the gradient, as ``torch.maximum``'s backward gives it; both paths below agree on this.
+- **Numerics**: the reference code computes ``E[x^2] - E[x]^2``; here the statistics are stable (a channel
+  with mean 1e4 and std 1e-2 keeps its variance in float32) and a constant input gives a finite output (the
+  variances are 0 and ``eps`` keeps the denominators positive).
+
+Two implementations, with the same results:
+
+- **Native** (CPU; float32, float64, bfloat16; contiguous or channels_last: where
+  :func:`normzoo.native.supports` holds): an autograd Function with a hand-derived backward whose full-size
+  passes are C kernels (:mod:`normzoo.native_evonorm`): S0 fused per (sample, group) block, two memory
+  passes each way for B0. Arithmetic in float32 (float64 for float64 input), statistics in float64 (exact
+  shifted sums); saved for backward: the input and O(N C) statistics. The gradients flow through the
+  variances (they are not treated as constants).
+- **Formula** (everything else: GPU, float16, other layouts, ``NORMZOO_NATIVE=0``): the formula in torch
+  operations. Per-(n, c) moments come from a stable reduction (``torch.var_mean``, accumulated in float32,
+  float64 for float64 input) and are merged into batch or group moments with
+  :meth:`normzoo.stats.Moments.reduce` (Chan's formula); groups whose mean is large next to their spread are
+  recomputed around their (constant) mean (:func:`merged_moments`). The gradient is autograd's through the
+  whole formula; the graph is rebuilt in backward (:class:`_Rematerialize`), so only the input and the
   parameters are saved for backward.
 """
 from __future__ import annotations
@@ -48,7 +60,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from normzoo import _checks, kernels
+from normzoo import _checks, kernels, native, native_evonorm
 from normzoo.nn.group import default_groups
 from normzoo.registry import register
 from normzoo.stats import Moments, accumulation_dtype, ill_conditioned
@@ -130,6 +142,82 @@ class _Rematerialize(torch.autograd.Function):
                                for t, need in zip(inputs, ctx.needs_input_grad[1:]))
 
 
+def _cast(grad: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
+    """A parameter gradient from the kernels (arithmetic type) in the parameter's dtype; None if not computed."""
+    return None if grad is None or like is None else grad.to(like.dtype)
+
+
+def _wanted(ctx: Any) -> Tuple[bool, bool, bool]:
+    """Which of dgamma, dbeta, dv the backward must compute (inputs 1, 2, 3 of the Functions below; an absent
+    parameter needs none)."""
+    need = ctx.needs_input_grad
+    return bool(need[1]), bool(need[2]), bool(need[3])
+
+
+class _S0Native(torch.autograd.Function):
+    """EvoNorm-S0 on the native kernels: ``y = gamma r x s + beta``, ``s = sigmoid(v x)``, ``r = (var_(n, g) + eps)^-1/2``.
+
+    Backward (``M = (C / G) |S|``, ``mu`` the group mean, sums over the group of sample n)::
+
+        dx     = gamma r dy s (1 + v x (1 - s)) - A r^3 (x - mu) / M,   A = sum dy gamma x s
+        dgamma = sum_(n, S) r dy x s,   dbeta = sum_(n, S) dy,   dv = sum_(n, S) gamma r dy x^2 s (1 - s)
+
+    Saved: ``x``, the parameters and the float64 ``(N, G)`` group mean and ``r``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor],
+                groups: int, eps: float) -> Tensor:
+        y, mean, rstd = native_evonorm.s0_forward(x, groups, weight, bias, v, eps)
+        ctx.groups = groups
+        ctx.save_for_backward(x, weight, bias, v, mean, rstd)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
+        x, weight, bias, v, mean, rstd = ctx.saved_tensors
+        native.wake_workers(x)
+        dx, dg, db, dv = native_evonorm.s0_backward(dy, x, ctx.groups, weight, v, mean, rstd,
+                                                    _wanted(ctx))
+        return (dx if ctx.needs_input_grad[0] else None, _cast(dg, weight), _cast(db, bias), _cast(dv, v), None, None)
+
+
+class _B0Native(torch.autograd.Function):
+    """EvoNorm-B0 on the native kernels: ``y = gamma x / d + beta``, ``d = max(sigma_b, v x + sigma_i)``.
+
+    ``sigma_b = sqrt(var_b + eps)`` per channel (the batch's biased variance over ``(N, *S)``, or ``fixed_var``),
+    ``sigma_i = sqrt(var_i + eps)`` per (n, c) over ``S``. Backward, with ``u = dy gamma`` and ``e = -u x / d^2``::
+
+        dx = u / d + [inst] v e + S_b (x - mu_b) / (N |S| sigma_b) [batch variance] + S_i (x - mu_i) / (|S| sigma_i)
+
+    ``S_b[c]``: the sum of ``e`` where the batch side is the max, ``S_i[n, c]``: where the instance side is (a tie
+    gives each side half, as ``torch.maximum``); ``dv = sum_inst e x``, ``dgamma = sum dy x / d``, ``dbeta = sum dy``.
+    ``stats`` (a list) receives the :class:`normzoo.native_evonorm.B0State` (batch mean and M2 for the
+    running variance). Saved: ``x``, the parameters and ``2 N C + 3 C`` float64 statistics.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor],
+                fixed_var: Optional[Tensor], eps: float, stats: list) -> Tensor:
+        y, state = native_evonorm.b0_forward(x, weight, bias, v, eps, fixed_var)
+        stats.append(state)
+        ctx.use_batch, ctx.nc = fixed_var is None, tuple(x.shape[:2])
+        ctx.save_for_backward(x, weight, bias, v, state.buf)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
+        x, weight, bias, v, buf = ctx.saved_tensors
+        native.wake_workers(x)
+        state = native_evonorm.B0State(buf, *ctx.nc)
+        dx, dg, db, dv = native_evonorm.b0_backward(dy, x, weight, v, state, ctx.use_batch,
+                                                    _wanted(ctx))
+        return (dx if ctx.needs_input_grad[0] else None, _cast(dg, weight), _cast(db, bias), _cast(dv, v), None, None,
+                None)
+
+
 def _check_common(name: str, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   v: Optional[Tensor], eps: float) -> int:
     _checks.check_input(name, input, _INPUT_DIMS, shape_hint=_SHAPE_HINT)
@@ -175,6 +263,16 @@ def evonorm_b0(
     use_batch = training or running_var is None
     if use_batch:
         _checks.check_batch_stats(name, input, input.numel() // c if input.numel() else 0)
+    if native.supports(input):
+        native.wake_workers(input)
+        stats: list = []
+        y = _B0Native.apply(input, weight, bias, v, None if use_batch else running_var, eps, stats)
+        if training and running_var is not None:
+            with torch.no_grad():  # unbiased batch variance from the kernels' exact batch moments
+                count = input.numel() // c
+                running_var.lerp_((stats[0].m2_b / (count - 1)).to(running_var.dtype), momentum)
+        return y
+    if use_batch:
         if training and running_var is not None:
             with torch.no_grad():  # exact batch moments from the statistics core
                 batch = kernels.prepare(input).rows.reduce(0)
@@ -217,6 +315,9 @@ def evonorm_s0(
     name = "evonorm_s0"
     c = _check_common(name, input, weight, bias, v, eps)
     _checks.check_groups(name, groups, c)
+    if native.supports(input):
+        native.wake_workers(input)
+        return _S0Native.apply(input, weight, bias, v, groups, eps)
     n = input.shape[0]
 
     def per_row(t: Tensor) -> Tensor:  # (N, G) -> (N, C)

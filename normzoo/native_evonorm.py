@@ -1,0 +1,138 @@
+"""Native CPU kernels of EvoNorm-S0 and EvoNorm-B0 (``normzoo/_native/evonorm.c.in``), called through ctypes.
+
+Built into the same library as the core kernels (:mod:`normzoo.native`); the caller checks
+:func:`normzoo.native.supports` first. ``x`` is ``(N, C, *S)`` contiguous or channels_last (a contiguous
+``(N, C)`` counts as channels_last with ``L = 1``); float32, float64 or bfloat16. Arithmetic is float32 for
+float32 and bfloat16 input (float64 for float64), statistics float64; parameters are passed in the arithmetic
+type and their gradients come back in it (``None`` where not asked for).
+
+S0 (``y = gamma r x sigmoid(v x) + beta``, ``r = (var_(n, g) + eps)^-1/2``) is fused: each (sample, group)
+block (each sample in channels_last) is read for its statistics and again, from cache, for the output;
+backward likewise. B0 (``y = gamma x / max(sigma_b, v x + sigma_i) + beta``) runs two passes each way:
+per-(n, c) moments (forward) or gradient sums (backward) over ``x``, the O(N C) algebra in C, then the
+elementwise pass.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from normzoo import native
+from normzoo.native import _TYPES, _dims, _like, _param, _ptr, _stats, _threads, layout
+
+_declared_for: Optional[int] = None
+
+
+def _lib() -> ctypes.CDLL:
+    """The kernel library with this module's functions declared (once per loaded library)."""
+    global _declared_for
+    lib = native.library()
+    if lib is None:
+        raise RuntimeError(f"EvoNorm native kernels unavailable: {native.status()}")
+    if _declared_for != id(lib):
+        P, I64, I, D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+        for suf, *_ in _TYPES.values():
+            sigs = {
+                "s0_forward": [P, P, I64, I64, I64, I64, I, P, P, P, D, P, P, I],
+                "s0_backward": [P, P, P, I64, I64, I64, I64, I, P, P, P, P, P, P, P, I],
+                "b0_forward": [P, P, I64, I64, I64, I, P, P, P, D, P, P, I],
+                "b0_backward": [P, P, P, I64, I64, I64, I, P, P, P, I, P, P, P, I],
+                "evo_sigmoid": [P, P, I64],
+            }
+            for name, argtypes in sigs.items():
+                fn = getattr(lib, f"nz_{name}_{suf}")
+                fn.argtypes, fn.restype = argtypes, None
+        _declared_for = id(lib)
+    return lib
+
+
+def _fn(name: str, dtype: torch.dtype):
+    return getattr(_lib(), f"nz_{name}_{_TYPES[dtype][0]}")
+
+
+def _grads(c: int, dtype: torch.dtype, wanted: Tuple[bool, ...]) -> Tuple[Optional[Tensor], ...]:
+    """Output buffers (arithmetic type, ``(C,)``) for the parameter gradients, ``None`` where not wanted."""
+    out = torch.empty(len(wanted), c, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return tuple(out[i] if want else None for i, want in enumerate(wanted))
+
+
+def sigmoid(z: Tensor) -> Tensor:
+    """The kernels' sigmoid of a contiguous CPU tensor (float32/bfloat16: the vectorized float one; float64:
+    libm's ``exp``). For tests of its accuracy."""
+    z = z.contiguous()
+    out = torch.empty_like(z)
+    _fn("evo_sigmoid", z.dtype)(z.data_ptr(), out.data_ptr(), z.numel())
+    return out
+
+
+def s0_forward(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor],
+               eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """EvoNorm-S0 of ``x``: ``y`` (like ``x``) and the float64 ``(N, G)`` group ``mean`` and ``rstd``."""
+    n, c, l = _dims(x)
+    y = torch.empty_like(x)
+    mean, rstd = _stats(2, n, groups)
+    g, b, vv = (_param(t, x.dtype, c) for t in (weight, bias, v))
+    _fn("s0_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, groups, layout(x), _ptr(g), _ptr(b), _ptr(vv),
+                               float(eps), mean.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
+    return y, mean, rstd
+
+
+def s0_backward(dy: Tensor, x: Tensor, groups: int, weight: Optional[Tensor], v: Optional[Tensor], mean: Tensor,
+                rstd: Tensor, wanted: Tuple[bool, bool, bool]) -> Tuple[Tensor, ...]:
+    """Backward of :func:`s0_forward`: ``dx`` and, where ``wanted``, ``dgamma``, ``dbeta``, ``dv`` ``(C,)``."""
+    n, c, l = _dims(x)
+    dy = _like(x, dy)
+    dx = torch.empty_like(x)
+    g, vv = _param(weight, x.dtype, c), _param(v, x.dtype, c)
+    dg, db, dv = _grads(c, x.dtype, wanted)
+    _fn("s0_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, groups, layout(x), _ptr(g),
+                                _ptr(vv), mean.data_ptr(), rstd.data_ptr(), _ptr(dg), _ptr(db), _ptr(dv),
+                                _threads(x.numel()))
+    return dx, dg, db, dv
+
+
+class B0State:
+    """Float64 views of what :func:`b0_forward` keeps for the backward (one buffer, ``2 N C + 3 C`` values):
+    per (n, c) the instance mean ``mu_i`` and ``sigma_i = sqrt(var_i + eps)``; per channel the batch mean
+    ``mu_b``, M2 ``m2_b`` (zeros for a fixed variance) and ``sigma_b``."""
+
+    def __init__(self, buf: Tensor, n: int, c: int) -> None:
+        self.buf = buf
+        parts = buf.split([n * c, n * c, c, c, c])
+        self.mu_i, self.sigma_i = (t.view(n, c) for t in parts[:2])
+        self.mu_b, self.m2_b, self.sigma_b = parts[2:]
+
+
+def b0_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], eps: float,
+               fixed_var: Optional[Tensor]) -> Tuple[Tensor, B0State]:
+    """EvoNorm-B0 of ``x``: ``y`` and the :class:`B0State`. ``fixed_var`` ``(C,)``: the variance behind
+    ``sigma_b`` (eval with running statistics); ``None``: the batch's biased variance."""
+    n, c, l = _dims(x)
+    y = torch.empty_like(x)
+    buf = torch.empty(2 * n * c + 3 * c, dtype=torch.float64)
+    fv = None if fixed_var is None else fixed_var.detach().to(torch.float64).contiguous()
+    g, b, vv = (_param(t, x.dtype, c) for t in (weight, bias, v))
+    _fn("b0_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), _ptr(g), _ptr(b), _ptr(vv), float(eps),
+                               _ptr(fv), buf.data_ptr(), _threads(x.numel()))
+    return y, B0State(buf, n, c)
+
+
+def b0_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], v: Optional[Tensor], state: B0State,
+                use_batch: bool, wanted: Tuple[bool, bool, bool]) -> Tuple[Tensor, ...]:
+    """Backward of :func:`b0_forward`: ``dx`` and, where ``wanted``, ``dgamma``, ``dbeta``, ``dv`` ``(C,)``.
+    ``use_batch``: ``sigma_b`` came from the batch (its gradient flows into ``dx``)."""
+    n, c, l = _dims(x)
+    dy = _like(x, dy)
+    dx = torch.empty_like(x)
+    g, vv = _param(weight, x.dtype, c), _param(v, x.dtype, c)
+    dg, db, dv = _grads(c, x.dtype, wanted)
+    _fn("b0_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, layout(x), _ptr(g), _ptr(vv),
+                                state.buf.data_ptr(), int(use_batch), _ptr(dg), _ptr(db), _ptr(dv),
+                                _threads(x.numel()))
+    return dx, dg, db, dv
+
+
+__all__ = ["sigmoid", "s0_forward", "s0_backward", "b0_forward", "b0_backward", "B0State"]
