@@ -177,7 +177,7 @@ class _ChannelNormFn(torch.autograd.Function):
                                                            ctx.merged_count)
             else:
                 dx, dweight, dbias = native.group_backward(dy, x, ctx.fused_groups, weight, mean_g, rstd_g, ctx.mode,
-                                                           want_w, want_b)
+                                                           want_w, want_b)[:3]
             dweight = dweight.to(weight.dtype) if want_w else None
             dbias = dbias.to(ctx.bias_dtype) if want_b else None
             return dx, dweight, dbias, None, None, None, None, None, None, None

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -33,7 +33,10 @@ _TYPES = {  # dtype: (suffix, storage type, arithmetic type, load, store)
     torch.float64: ("f64", "double", "double", "nz_ld_f64", "nz_st_f64"),
     torch.bfloat16: ("bf16", "uint16_t", "float", "nz_ld_bf16", "nz_st_bf16"),
 }
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC", "-pthread"]
+# -fno-trapping-math: no kernel relies on floating-point traps, and without it GCC keeps a select on a float
+# compare (the TLU's mask) as a branch instead of vectorizing it
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
+          "-pthread"]
 #: Below this many elements a kernel runs on one thread: starting and joining threads (tens of
 #: microseconds, far more on a loaded machine) costs more than a second core saves on 1 MB.
 PARALLEL_THRESHOLD = 1 << 18
@@ -116,8 +119,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"nz_affine_grad_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, P, I]
         getattr(lib, f"nz_rownorm_forward_{suf}").argtypes = [P, P, I64, I64, P, P, D, I, P, P, I]
         getattr(lib, f"nz_rownorm_backward_{suf}").argtypes = [P, P, P, I64, I64, P, I, P, P, P, P, I]
-        getattr(lib, f"nz_group_forward_{suf}").argtypes = [P, P, I64, I64, I64, I64, I, P, P, D, I, P, P, P, I]
-        getattr(lib, f"nz_group_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I64, I, P, I, P, P, P, P, I]
+        getattr(lib, f"nz_group_forward_{suf}").argtypes = [P, P, I64, I64, I64, I64, I, P, P, P, D, I, P, P, P, I]
+        getattr(lib, f"nz_group_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I64, I, P, P, P, I, P, P, P, P, P,
+                                                              P, I]
         getattr(lib, f"nz_batch_forward_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, D, I, P, P, P, P, P, I, D, P, D,
                                                              D, D, P, P, I]
         getattr(lib, f"nz_batch_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, I, D, P, P, I]
@@ -341,33 +345,48 @@ _MODES = {"standard": 0, "mean": 1, "rms": 2}
 
 
 def group_forward(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                  mode: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  mode: str, tau: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused per-(sample, channel group) normalization of ``x`` ``(N, C, *S)``: ``y`` and float64 ``(N, G)``
-    group ``mean``, ``M2`` and ``rstd``. Reads ``x`` once from memory (the block stays in cache)."""
+    group ``mean``, ``M2`` and ``rstd``. Reads ``x`` once from memory (the block stays in cache).
+    ``tau`` ``(C,)``: the TLU after the affine map, ``y = max(gamma x_hat + beta, tau)`` (FRN)."""
     n, c, l = _dims(x)
     y = torch.empty_like(x)
     mean, m2, rstd = _stats(3, n, groups)
-    g, b = _param(weight, x.dtype, c), _param(bias, x.dtype, c)
-    _fn("group_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, groups, layout(x), _ptr(g), _ptr(b),
+    g, b, t = _param(weight, x.dtype, c), _param(bias, x.dtype, c), _param(tau, x.dtype, c)
+    _fn("group_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, groups, layout(x), _ptr(g), _ptr(b), _ptr(t),
                                   float(eps), _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(),
                                   _threads(x.numel()))
     return y, mean, m2, rstd
 
 
+class GroupGrads(NamedTuple):
+    """What :func:`group_backward` returns; a gradient not asked for is ``None``."""
+
+    dx: Tensor
+    dgamma: Optional[Tensor]  #: ``(C,)`` ``sum dy * x_hat`` (float32, float64 for float64 input)
+    dbeta: Optional[Tensor]  #: ``(C,)`` ``sum dy``
+    dtau: Optional[Tensor]  #: ``(C,)`` the TLU threshold's: ``sum dy`` where it won
+    drstd: Optional[Tensor]  #: float64 ``(N, G)``: ``dL / d rstd`` of each group
+
+
 def group_backward(dy: Tensor, x: Tensor, groups: int, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                   mode: str, dgamma: bool = True,
-                   dbeta: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Fused backward of :func:`group_forward`: ``dx``, and where asked for ``dgamma = sum dy * x_hat`` and
-    ``dbeta = sum dy`` per channel (float32, float64 for float64 input)."""
+                   mode: str, dgamma: bool = True, dbeta: bool = True, bias: Optional[Tensor] = None,
+                   tau: Optional[Tensor] = None, dtau: bool = False, drstd: bool = False) -> GroupGrads:
+    """Fused backward of :func:`group_forward` (with the same ``bias`` and ``tau`` when it had a TLU: ``dy`` then
+    flows where ``gamma x_hat + beta >= tau``, ties included). ``dx`` always; ``dgamma``, ``dbeta``, ``dtau``
+    and ``drstd`` where asked for."""
     n, c, l = _dims(x)
     dy = _like(x, dy)
     dx = torch.empty_like(x)
-    g = _param(weight, x.dtype, c)
+    g, b, t = _param(weight, x.dtype, c), _param(bias, x.dtype, c), _param(tau, x.dtype, c)
     dg, db = _param_grads(c, x.dtype, dgamma, dbeta)
+    dt = _param_grads(c, x.dtype, dtau and tau is not None, False)[0]
+    dr = torch.empty(n, groups, dtype=torch.float64) if drstd else None
     _fn("group_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, groups, layout(x), _ptr(g),
-                                   _MODES[mode], mean.contiguous().data_ptr(), rstd.contiguous().data_ptr(),
-                                   _ptr(dg), _ptr(db), _threads(x.numel()))
-    return dx, dg, db
+                                   _ptr(b), _ptr(t), _MODES[mode], mean.contiguous().data_ptr(),
+                                   rstd.contiguous().data_ptr(), _ptr(dg), _ptr(db), _ptr(dt), _ptr(dr),
+                                   _threads(x.numel()))
+    return GroupGrads(dx, dg, db, dt, dr)
 
 
 # -- BatchNorm training, whole (the per-channel algebra in C too: one call each way) --------------------

@@ -355,3 +355,85 @@ def test_cross_iteration_bn_merged_kernel_equals_fallback(compensate, channels_l
 
     for a, r in zip(run(), fallback(run)):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
+# -- Filter Response Normalization: InstanceNorm's fused kernel in RMS mode, with the TLU inside ----------
+def _frn_fwd_bwd(x, w, b, tau, eps, g):
+    from normzoo.nn.response import filter_response_norm
+
+    ins = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, tau, eps)]
+    y = filter_response_norm(*ins)
+    y.backward(g)
+    return [y.detach()] + [t.grad if t is not None else None for t in ins]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+# channels_last: C = 8 folded into rows of 64 values, C = 40 not; the 3-D input is (N, C, L)
+@pytest.mark.parametrize("shape", [(3, 8, 5, 7), (2, 40, 5, 6), (4, 8, 9)])
+@pytest.mark.parametrize("parts", ["affine+tlu", "tlu", "affine", "none"])
+def test_frn_native_equals_fallback(dtype, channels_last, shape, parts, fallback, streaming):
+    gen = torch.Generator().manual_seed(4)
+    c = shape[1]
+    x = (torch.randn(shape, generator=gen) * 2 + 0.3).to(dtype)
+    x[0, :, 0] = 0  # zeros: with beta = tau = 0 these tie with the threshold
+    if channels_last:
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen) * 0.5
+    b[:2] = 0
+    tau = torch.randn(c, generator=gen) * 0.5
+    tau[:2] = 0
+    eps = torch.tensor(0.3)  # a learned eps: its gradient too
+    w, b = (w, b) if "affine" in parts else (None, None)
+    tau = tau if "tlu" in parts else None
+    g = torch.randn(shape, generator=gen).to(dtype)
+    ours = _frn_fwd_bwd(x, w, b, tau, eps, g)
+    args = [t.double() if t is not None and dtype == torch.bfloat16 else t for t in (x, w, b, tau, eps, g)]
+    ref = fallback(_frn_fwd_bwd, *args)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    for i, (a, r) in enumerate(zip(ours, ref)):
+        if r is None:
+            assert a is None
+            continue
+        t = tol if i < 2 else max(tol, 1e-5)
+        torch.testing.assert_close(a.double(), r.double(), rtol=t, atol=t * max(1.0, float(r.abs().max())))
+    assert ours[0].stride() == x.stride() and ours[1].stride() == x.stride()
+
+
+def test_frn_native_is_used_and_passes_gradcheck(monkeypatch):
+    from normzoo.nn.response import filter_response_norm
+
+    calls = []
+    forward = native.group_forward
+    monkeypatch.setattr(native, "group_forward", lambda *a: calls.append(a[-1]) or forward(*a))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w, b, tau = (torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    eps = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(filter_response_norm, (x, w, b, tau, eps))
+    assert calls and calls[0] is not None  # the native kernel ran, with the TLU's threshold
+
+
+def test_frn_ties_pass_the_gradient_to_the_normalized_value():
+    """y == tau (a zero input, beta = tau = 0): dz goes to y, none to tau (tf.maximum's rule)."""
+    from normzoo.nn.response import filter_response_norm
+
+    x = torch.randn(2, 3, 4, 4)
+    x[:, :, :2] = 0
+    x.requires_grad_()
+    tau = torch.zeros(3, requires_grad=True)
+    b = torch.zeros(3, requires_grad=True)
+    y = filter_response_norm(x, torch.ones(3), b, tau, 1e-3)
+    y.backward(torch.ones_like(y))
+    above = (x.detach() > 0) | (x.detach() == 0)
+    torch.testing.assert_close(tau.grad, (~above).sum((0, 2, 3)).float())
+    torch.testing.assert_close(b.grad, above.sum((0, 2, 3)).float())
+
+
+def test_frn_nan_input_stays_nan():
+    from normzoo.nn.response import filter_response_norm
+
+    x = torch.randn(2, 3, 4, 4)
+    x[1, 2, 1, 1] = float("nan")
+    y = filter_response_norm(x, None, None, torch.zeros(3), 1e-3)
+    assert torch.isnan(y[1, 2]).all() and not torch.isnan(y[0]).any() and not torch.isnan(y[1, :2]).any()

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from normzoo import _checks, kernels
+from normzoo import _checks, kernels, native
 from normzoo.registry import register
 
 #: Below this fixed eps, a 1x1 input triggers the warning described in the module doc.
@@ -84,17 +84,31 @@ class _FilterResponseFn(torch.autograd.Function):
     """FRN (+ TLU) as one op on the statistics core. With ``rstd = (nu2 + eps)^-1/2`` per (n, c):
 
         y  = gamma * rstd * x + beta,      z = max(y, tau)
-        dy = dz * [y > tau],               dtau = sum dz * [y <= tau]
+        dy = dz * [y >= tau],              dtau = sum dz * [y < tau]
         dx = gamma rstd dy - gamma rstd^3 x (1/L) sum_S dy x
         dgamma = sum rstd dy x,  dbeta = sum dy,  deps = -1/2 sum gamma rstd^3 sum_S dy x
 
-    Saved for backward: ``x`` and ``rstd`` (O(N C)); ``y`` and the TLU mask are recomputed from them.
+    Ties (``y == tau``, e.g. a zero input with ``beta = tau = 0``, the initial values) pass the gradient to
+    ``y``, as the authors' TensorFlow code does (``tf.maximum`` sends ties to its first argument);
+    ``torch.maximum`` would split it in halves.
+
+    With the native kernels (CPU, spatial dims, a scalar ``eps``) this is InstanceNorm's fused kernel in its
+    RMS mode with the TLU inside: one read of ``x`` and one write forward, the mask recomputed in the fused
+    backward. Saved for backward: ``x`` and the float64 ``(N, C)`` statistics; ``y`` and the TLU mask are
+    recomputed from them.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], tau: Optional[Tensor],
                 eps: Tensor) -> Tensor:
         n, c = x.shape[:2]
+        ctx.eps_shape, ctx.eps_dtype = eps.shape, eps.dtype
+        ctx.fused = x.dim() > 2 and eps.numel() == 1 and native.supports(x)
+        if ctx.fused:
+            native.wake_workers(x)
+            y, mean, _, rstd = native.group_forward(x, c, weight, bias, float(eps), "rms", tau)
+            ctx.save_for_backward(x, weight, bias, tau, rstd, mean)
+            return y
         rows = kernels.prepare(x).rows  # per (n, c): exact mean and M2 over the spatial dims
         nu2 = rows.var(0) + rows.mean.square()
         eps_nc = eps.detach().to(nu2.dtype).reshape(-1).expand(c) if eps.numel() in (1, c) else eps
@@ -102,17 +116,26 @@ class _FilterResponseFn(torch.autograd.Function):
         y = _pre_tlu(x, rstd, weight, bias)
         if tau is not None:
             torch.maximum(y, _per_channel(tau.detach(), y).to(y.dtype), out=y)
-        ctx.save_for_backward(x, weight, bias, tau, rstd)
-        ctx.eps_shape = eps.shape
+        ctx.save_for_backward(x, weight, bias, tau, rstd, None)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dz: Tensor):  # type: ignore[override]
-        x, weight, bias, tau, rstd = ctx.saved_tensors
+        x, weight, bias, tau, rstd, mean = ctx.saved_tensors
+        want = ctx.needs_input_grad
+        if ctx.fused:
+            native.wake_workers(x)
+            g = native.group_backward(dz, x, x.shape[1], weight, mean, rstd, "rms", weight is not None and want[1],
+                                      bias is not None and want[2], bias=bias, tau=tau,
+                                      dtau=tau is not None and want[3], drstd=want[4])
+            deps = None if g.drstd is None else (-0.5 * g.drstd * rstd.pow(3)).sum().reshape(ctx.eps_shape).to(ctx.eps_dtype)
+            return (g.dx, None if g.dgamma is None else g.dgamma.to(weight.dtype),
+                    None if g.dbeta is None else g.dbeta.to(bias.dtype), None if g.dtau is None else g.dtau.to(tau.dtype),
+                    deps)
         dtau = None
         if tau is not None:
-            above = _pre_tlu(x, rstd, weight, bias) > _per_channel(tau, x).to(x.dtype)
+            above = _pre_tlu(x, rstd, weight, bias) >= _per_channel(tau, x).to(x.dtype)
             dy = torch.where(above, dz, torch.zeros((), dtype=dz.dtype))
             if ctx.needs_input_grad[3]:
                 dtau = (dz - dy).sum([0] + list(range(2, dz.dim())), dtype=rstd.dtype).to(tau.dtype)
