@@ -192,6 +192,19 @@ def test_parallel_kernels_match_formula(formula):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_s0_large_blocks_recompute_the_sigmoid(channels_last, formula):
+    """Blocks above the kernels' keep limit (1M values: a sample in channels_last, a group otherwise) take the
+    path that computes sigmoid(v x) again for dx instead of keeping it."""
+    torch.manual_seed(12)
+    shape = (1, 4, 520, 520) if channels_last else (1, 4, 730, 730)  # block: 1.08M values / 2 groups of 1.07M
+    x = _layout(torch.randn(shape), channels_last)
+    dy = torch.randn(shape)
+    params = _params(4, torch.float32, 13)
+    groups = 2 if channels_last else 1
+    _check_against_formula(lambda x, w, b, v: evonorm_s0(x, groups, w, b, v), x, params, dy, formula)
+
+
 def _saved_bytes(fn, x):
     seen = {}
 
