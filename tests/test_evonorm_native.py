@@ -180,13 +180,13 @@ def test_parallel_kernels_match_formula(formula):
     torch.manual_seed(8)
     old = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        for channels_last in (False, True):  # 4 * 32 * 48 * 48 elements: above native.PARALLEL_THRESHOLD
-            x = _layout(torch.randn(4, 32, 48, 48), channels_last)
+    try:  # above native.PARALLEL_THRESHOLD; C = 5 contiguous: B0 in two passes (too few channels per thread)
+        for shape, channels_last in [((4, 32, 48, 48), False), ((4, 32, 48, 48), True), ((4, 5, 128, 128), False)]:
+            x = _layout(torch.randn(shape), channels_last)
             assert x.numel() >= native.PARALLEL_THRESHOLD
-            dy = torch.randn(4, 32, 48, 48)
-            params = _params(32, torch.float32, 9)
-            _check_against_formula(lambda x, w, b, v: evonorm_s0(x, 8, w, b, v), x, params, dy, formula)
+            dy = torch.randn(shape)
+            params = _params(shape[1], torch.float32, 9)
+            _check_against_formula(lambda x, w, b, v: evonorm_s0(x, shape[1], w, b, v), x, params, dy, formula)
             _check_against_formula(lambda x, w, b, v: evonorm_b0(x, None, w, b, v, True), x, params, dy, formula)
     finally:
         torch.set_num_threads(old)
