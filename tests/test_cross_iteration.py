@@ -137,7 +137,7 @@ def test_naive_window_without_compensation():
     gen = torch.Generator().manual_seed(4)
     conv, cbn = _conv_cbn(window=3, compensate=False)
     assert cbn.layer is None
-    inputs = _train(conv, cbn, 4, 0.05, gen)
+    _train(conv, cbn, 4, 0.05, gen)
     with torch.no_grad():
         cbn(conv(torch.randn(2, 3, 5, 5, generator=gen, dtype=F64)))
     w = cbn.last_window
