@@ -437,3 +437,27 @@ def test_frn_nan_input_stays_nan():
     x[1, 2, 1, 1] = float("nan")
     y = filter_response_norm(x, None, None, torch.zeros(3), 1e-3)
     assert torch.isnan(y[1, 2]).all() and not torch.isnan(y[0]).any() and not torch.isnan(y[1, :2]).any()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("name", ["bn", "in", "gn"])
+def test_nan_input_gives_nan_statistics_not_zero_variance(name, channels_last):
+    """A NaN in the data makes its channel's statistics NaN (as torch's), never a variance clamped to 0: for
+    BatchNorm the running variance must not quietly decay toward 0."""
+    x = torch.randn(4, 8, 6, 6)
+    x[1, 2, 3, 3] = float("nan")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if name == "bn":
+        from normzoo.nn import BatchNorm2d
+
+        ours, ref = BatchNorm2d(8), torch.nn.BatchNorm2d(8)
+        y, want = ours(x), ref(x)
+        assert torch.equal(torch.isnan(ours.running_var), torch.isnan(ref.running_var))
+        assert torch.isnan(ours.running_var[2]) and torch.isnan(ours.running_mean[2])
+    else:
+        mean, m2 = native.moments(x)
+        assert torch.isnan(m2[1, 2]) and torch.isfinite(m2[0]).all() and torch.isfinite(m2[1, 3:]).all()
+        y = F.instance_norm(x) if name == "in" else F.group_norm(x, 4)
+        want = torch.nn.functional.instance_norm(x) if name == "in" else torch.nn.functional.group_norm(x, 4)
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
