@@ -2,7 +2,7 @@
 
 The kernels (``normzoo/_native/kernels.c.in``, the core, and method-specific ``_native/*.c.in`` files compiled
 with it as one unit) are plain C, vectorized by the compiler and run on a small pthread pool. They need no PyTorch headers: the system C compiler (``$CC`` or ``cc``/``gcc``) builds
-them once per machine (10-15 s), into a per-user cache (``$NORMZOO_CACHE`` or ``~/.cache/normzoo``) keyed
+them once per machine (about 20 s), into a per-user cache (``$NORMZOO_CACHE`` or ``~/.cache/normzoo``) keyed
 by the source, the compiler and the CPU. They are loaded with :mod:`ctypes` and called on tensors' data
 pointers.
 
@@ -95,7 +95,7 @@ def _build() -> ctypes.CDLL:
     cache = Path(os.environ.get("NORMZOO_CACHE", Path.home() / ".cache" / "normzoo"))
     lib_path = cache / f"kernels-{key}.so"
     if not lib_path.exists():
-        print(f"normzoo: building the native CPU kernels into {cache} (once, about 15 s)", file=sys.stderr)
+        print(f"normzoo: building the native CPU kernels into {cache} (once, about 20 s)", file=sys.stderr)
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             c_file = Path(tmp) / "kernels.c"
