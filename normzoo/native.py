@@ -1,7 +1,9 @@
 """Native CPU kernels for the passes over full-size tensors, built on first use.
 
 The kernels (``normzoo/_native/kernels.c.in``, the core, and method-specific ``_native/*.c.in`` files compiled
-with it as one unit) are plain C, vectorized by the compiler and run on a small pthread pool. They need no PyTorch headers: the system C compiler (``$CC`` or ``cc``/``gcc``) builds
+with it as one unit) are plain C, vectorized by the compiler and run on a small pthread pool. This module
+binds the core; the method-specific kernels have their bindings beside it (:mod:`normzoo.native_mixtures`,
+:mod:`normzoo.native_evonorm`, through :func:`declared`). They need no PyTorch headers: the system C compiler (``$CC`` or ``cc``/``gcc``) builds
 them once per machine (about 20 s), into a per-user cache (``$NORMZOO_CACHE`` or ``~/.cache/normzoo``) keyed
 by the source, the compiler and the CPU. They are loaded with :mod:`ctypes` and called on tensors' data
 pointers.
@@ -22,7 +24,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -54,7 +56,9 @@ def _sources() -> Tuple[Path, ...]:
 
 
 def _instantiate(text: str) -> str:
-    """A source with its ``BEGIN_TYPED``/``END_TYPED`` section written out once per dtype in :data:`_TYPES`."""
+    """A source with its ``BEGIN_TYPED``/``END_TYPED`` section (if any) written out once per dtype in :data:`_TYPES`."""
+    if "/* BEGIN_TYPED */" not in text:
+        return text
     head, rest = text.split("/* BEGIN_TYPED */", 1)
     typed, tail = rest.split("/* END_TYPED */", 1)
     parts = [head]
@@ -125,14 +129,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"nz_batch_forward_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, D, I, P, P, P, P, P, I, D, P, D,
                                                              D, D, P, P, I]
         getattr(lib, f"nz_batch_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, I, D, P, P, I]
-        lib.nz_switch_coefs.argtypes = [I64, I64, I64, P, P, P, P, P, I, I, D, P, P, D, P, P]
-        lib.nz_switch_coefs.restype = None
-        lib.nz_switch_grad_coefs.argtypes = [I64, I64, I64, P, P, I, P, P, P, P, P, P, P, P, P, P]
-        lib.nz_switch_grad_coefs.restype = None
-        lib.nz_bin_coefs.argtypes = [I64, I64, I64, P, P, P, P, P, I, I, D, P, P, D, P, P]
-        lib.nz_bin_coefs.restype = None
-        lib.nz_bin_grad_coefs.argtypes = [I64, I64, I64, I, P, P, P, P, P, P, P, P, P, P]
-        lib.nz_bin_grad_coefs.restype = None
         lib.nz_set_stream_min.argtypes = [I64]
         lib.nz_pool_wake.argtypes = []
         lib.nz_pool_wake.restype = None
@@ -163,6 +159,26 @@ def library() -> Optional[ctypes.CDLL]:
                     print(f"normzoo: native kernels unavailable, using PyTorch operations ({exc})", file=sys.stderr)
             _loaded = True
     return _lib
+
+
+_declared: Dict[str, int] = {}
+
+
+def declared(signatures: Mapping[str, Sequence[Any]]) -> ctypes.CDLL:
+    """The kernel library with these functions' ``argtypes`` set (``restype`` None), once per loaded library:
+    for the method-specific bindings (:mod:`normzoo.native_mixtures`, :mod:`normzoo.native_evonorm`). A name
+    containing ``{suf}`` stands for one function per dtype suffix (``f32``, ``f64``, ``bf16``). Raises
+    ``RuntimeError`` without the native kernels (callers check :func:`supports` first)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native kernels are unavailable ({_why_not})")
+    for name, argtypes in signatures.items():
+        for full in sorted({name.format(suf=suf) for suf, *_ in _TYPES.values()}):
+            if _declared.get(full) != id(lib):
+                fn = getattr(lib, full)
+                fn.argtypes, fn.restype = list(argtypes), None
+                _declared[full] = id(lib)
+    return lib
 
 
 def set_stream_min(nbytes: int) -> int:
@@ -494,101 +510,6 @@ def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor
     return dx, dg, db
 
 
-# -- Switchable Normalization's O(N C) mixing algebra (the passes over x are moments/affine/grad_sums) ----
-class SwitchState:
-    """Float64 views of what :func:`switch_coefs` writes. ``buf`` (what the backward needs): per (n, c)
-    ``mean``, ``var``, ``rstd``; per sample ``mu_l``, ``var_l``; per channel ``mu_b``, ``m2_b``, ``var_b``; the
-    mixing weights ``p`` (means) and ``q`` (variances), order IN, LN, BN. ``ab`` (forward only, may be
-    ``None``): the affine map ``a``, ``b`` per (n, c)."""
-
-    def __init__(self, buf: Tensor, n: int, c: int, ab: Optional[Tensor] = None) -> None:
-        self.buf = buf
-        parts = buf.split([n * c] * 3 + [n, n, c, c, c, 3, 3])
-        self.mean, self.var, self.rstd = (v.view(n, c) for v in parts[:3])
-        self.mu_l, self.var_l, self.mu_b, self.m2_b, self.var_b, self.p, self.q = parts[3:]
-        self.a, self.b = ab.view(2, n, c).unbind(0) if ab is not None else (None, None)
-
-
-def switch_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, logits: Tensor, running_mean: Optional[Tensor],
-                 running_var: Optional[Tensor], use_batch: bool, momentum: float, weight: Optional[Tensor],
-                 bias: Optional[Tensor], eps: float) -> SwitchState:
-    """Switchable Normalization's statistics and affine map from the per-(n, c) moments (float64 ``(N, C)``,
-    ``count`` positions each): the LN and BN moments merged from them (BN: from the running statistics
-    when not ``use_batch``), mixed with ``softmax`` of ``logits`` (float64 ``(6,)``: mean logits, variance
-    logits). With ``use_batch`` and running buffers (:func:`running_update_applies`), those are updated in
-    place with the batch's BN statistics."""
-    n, c = rows_mean.shape
-    buf = torch.empty(3 * n * c + 2 * n + 3 * c + 6, dtype=torch.float64)
-    ab = torch.empty(2 * n * c, dtype=torch.float64)
-    run_type = _running_type(running_mean, running_var)
-    g, b = _param(weight, torch.float64, c), _param(bias, torch.float64, c)
-    library().nz_switch_coefs(n, c, count, rows_mean.data_ptr(), rows_m2.data_ptr(), logits.data_ptr(),
-                              _ptr(running_mean), _ptr(running_var), run_type, int(use_batch), float(momentum),
-                              _ptr(g), _ptr(b), float(eps), buf.data_ptr(), ab.data_ptr())
-    return SwitchState(buf, n, c, ab)
-
-
-def switch_grad_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, use_batch: bool, weight: Optional[Tensor],
-                      state: SwitchState, s1: Tensor, t: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                            Tensor]:
-    """The backward algebra of :func:`switch_coefs` from ``s1 = sum_S dy``, ``t = sum_S dy (x - mean)``
-    (float64 ``(N, C)``): ``dgamma``, ``dbeta`` ``(C,)``, ``dlogits`` ``(6,)`` and the ``(N, C)`` coefficients of
-    ``dx = k1 dy + k2 (x - mean) + k3``."""
-    n, c = rows_mean.shape
-    out = torch.empty(2 * c + 6 + 3 * n * c, dtype=torch.float64)
-    dg, db, dl, k1, k2, k3 = out.split([c, c, 6, n * c, n * c, n * c])
-    g = _param(weight, torch.float64, c)
-    library().nz_switch_grad_coefs(n, c, count, rows_mean.data_ptr(), rows_m2.data_ptr(), int(use_batch), _ptr(g),
-                                   state.buf.data_ptr(), s1.data_ptr(), t.data_ptr(), dg.data_ptr(), db.data_ptr(),
-                                   dl.data_ptr(), k1.data_ptr(), k2.data_ptr(), k3.data_ptr())
-    return dg, db, dl, k1.view(n, c), k2.view(n, c), k3.view(n, c)
-
-
-# -- Batch-Instance Normalization's O(N C) blend algebra ------------------------------------------------
-class BinState:
-    """Float64 views of what :func:`bin_coefs` writes. ``buf`` (what the backward needs): per (n, c)
-    ``rstd_i``, ``delta = mu_nc - mu_B``; per channel ``rstd_b``, the clamped gate ``g``, ``mu_b``, ``m2_b``.
-    ``ab`` (forward only, may be ``None``): the affine map ``a``, ``b`` per (n, c), around the instance mean."""
-
-    def __init__(self, buf: Tensor, n: int, c: int, ab: Optional[Tensor] = None) -> None:
-        self.buf = buf
-        parts = buf.split([n * c] * 2 + [c] * 4)
-        self.rstd_i, self.delta = (v.view(n, c) for v in parts[:2])
-        self.rstd_b, self.g, self.mu_b, self.m2_b = parts[2:]
-        self.a, self.b = ab.view(2, n, c).unbind(0) if ab is not None else (None, None)
-
-
-def bin_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, rho: Tensor, running_mean: Optional[Tensor],
-              running_var: Optional[Tensor], use_batch: bool, momentum: float, weight: Optional[Tensor],
-              bias: Optional[Tensor], eps: float) -> BinState:
-    """Batch-Instance Norm's per-(n, c) affine map from the instance moments (float64 ``(N, C)``, ``count``
-    positions each): BN statistics merged from them (or the running ones when not ``use_batch``), the gate
-    ``clamp(rho, 0, 1)``. With ``use_batch`` and running buffers, those are updated in place."""
-    n, c = rows_mean.shape
-    buf = torch.empty(2 * n * c + 4 * c, dtype=torch.float64)
-    ab = torch.empty(2 * n * c, dtype=torch.float64)
-    run_type = _running_type(running_mean, running_var)
-    g, b, r = _param(weight, torch.float64, c), _param(bias, torch.float64, c), _param(rho, torch.float64, c)
-    library().nz_bin_coefs(n, c, count, rows_mean.data_ptr(), rows_m2.data_ptr(), r.data_ptr(), _ptr(running_mean),
-                           _ptr(running_var), run_type, int(use_batch), float(momentum), _ptr(g), _ptr(b), float(eps),
-                           buf.data_ptr(), ab.data_ptr())
-    return BinState(buf, n, c, ab)
-
-
-def bin_grad_coefs(count: int, use_batch: bool, weight: Optional[Tensor], state: BinState, s1: Tensor,
-                   t: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The backward algebra of :func:`bin_coefs` from ``s1 = sum_S dy``, ``t = sum_S dy (x - mu_nc)``:
-    ``dgamma``, ``dbeta``, ``drho`` ``(C,)`` and the ``(N, C)`` coefficients of ``dx = k1 dy + k2 (x - mu_nc) + k3``."""
-    n, c = s1.shape
-    out = torch.empty(3 * c + 3 * n * c, dtype=torch.float64)
-    dg, db, dr, k1, k2, k3 = out.split([c, c, c, n * c, n * c, n * c])
-    g = _param(weight, torch.float64, c)
-    library().nz_bin_grad_coefs(n, c, count, int(use_batch), _ptr(g), state.buf.data_ptr(), s1.data_ptr(),
-                                t.data_ptr(), dg.data_ptr(), db.data_ptr(), dr.data_ptr(), k1.data_ptr(),
-                                k2.data_ptr(), k3.data_ptr())
-    return dg, db, dr, k1.view(n, c), k2.view(n, c), k3.view(n, c)
-
-
 # -- the fused row passes (LayerNorm / RMSNorm over the last dims) ------------------------------------
 
 def rownorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,
@@ -621,8 +542,7 @@ def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Te
     return dx, dg, db
 
 
-__all__ = ["library", "status", "set_stream_min", "supports", "layout", "moments", "affine", "grad_sums",
+__all__ = ["library", "declared", "status", "set_stream_min", "supports", "layout", "moments", "affine", "grad_sums",
            "affine_grad", "rownorm_forward", "rownorm_backward", "group_forward", "group_backward", "batch_forward",
            "batch_renorm_forward", "batch_merged_forward", "batch_backward", "running_update_applies", "wake_workers", "pool_state",
-           "switch_coefs", "switch_grad_coefs", "SwitchState", "bin_coefs", "bin_grad_coefs", "BinState",
            "PARALLEL_THRESHOLD"]

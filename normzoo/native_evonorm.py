@@ -24,30 +24,19 @@ from torch import Tensor
 from normzoo import native
 from normzoo.native import _TYPES, _dims, _like, _param, _ptr, _stats, _threads, layout
 
-_declared_for: Optional[int] = None
+_P, _I64, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+_SIGNATURES = {  # {suf}: one function per dtype
+    "nz_s0_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I64, _I, _P, _P, _P, _D, _P, _P, _I],
+    "nz_s0_backward_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I64, _I, _P, _P, _P, _P, _P, _P, _P, _I],
+    "nz_b0_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I, _P, _P, _P, _D, _P, _P, _I],
+    "nz_b0_backward_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I, _P, _P, _P, _I, _P, _P, _P, _I],
+    "nz_evo_sigmoid_{suf}": [_P, _P, _I64],
+}
 
 
 def _lib() -> ctypes.CDLL:
-    """The kernel library with this module's functions declared (once per loaded library)."""
-    global _declared_for
-    lib = native.library()
-    if lib is None:
-        raise RuntimeError(f"EvoNorm native kernels unavailable: {native.status()}")
-    if _declared_for != id(lib):
-        P, I64, I, D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-        for suf, *_ in _TYPES.values():
-            sigs = {
-                "s0_forward": [P, P, I64, I64, I64, I64, I, P, P, P, D, P, P, I],
-                "s0_backward": [P, P, P, I64, I64, I64, I64, I, P, P, P, P, P, P, P, I],
-                "b0_forward": [P, P, I64, I64, I64, I, P, P, P, D, P, P, I],
-                "b0_backward": [P, P, P, I64, I64, I64, I, P, P, P, I, P, P, P, I],
-                "evo_sigmoid": [P, P, I64],
-            }
-            for name, argtypes in sigs.items():
-                fn = getattr(lib, f"nz_{name}_{suf}")
-                fn.argtypes, fn.restype = argtypes, None
-        _declared_for = id(lib)
-    return lib
+    """The kernel library with this module's functions declared."""
+    return native.declared(_SIGNATURES)
 
 
 def _fn(name: str, dtype: torch.dtype):

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from normzoo import _checks, kernels, native
+from normzoo import _checks, kernels, native, native_mixtures
 from normzoo.channel_norm import batch_or_running, native_batch_or_running
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
@@ -109,7 +109,7 @@ class _BatchInstanceNormFn(torch.autograd.Function):
 
 class _BatchInstanceNormNativeFn(torch.autograd.Function):
     """The same layer on the native kernels: the instance moments, the blend algebra in C
-    (:func:`normzoo.native.bin_coefs`; the running statistics updated there too), the affine pass; backward
+    (:func:`normzoo.native_mixtures.bin_coefs`; the running statistics updated there too), the affine pass; backward
     the two sums, the algebra in C, the ``dx`` pass. No O(N C) tensor operations in Python."""
 
     @staticmethod
@@ -119,7 +119,7 @@ class _BatchInstanceNormNativeFn(torch.autograd.Function):
         rows_mean, _ = moments = native.moments(x)
         count = x.numel() // (x.shape[0] * x.shape[1])
         read = not use_batch or training  # running statistics: read in eval, updated in training
-        st = native.bin_coefs(*moments, count, rho, running_mean if read else None, running_var if read else None,
+        st = native_mixtures.bin_coefs(*moments, count, rho, running_mean if read else None, running_var if read else None,
                               use_batch, momentum, weight, bias, eps)
         y = native.affine(x, st.a, rows_mean, st.b)
         ctx.count, ctx.use_batch = count, use_batch
@@ -134,8 +134,8 @@ class _BatchInstanceNormNativeFn(torch.autograd.Function):
         x, weight, rows_mean, buf = ctx.saved_tensors
         native.wake_workers(x)
         s1, t = native.grad_sums(dy, x, rows_mean)
-        st = native.BinState(buf, *rows_mean.shape)
-        dg, db, dr, k1, k2, k3 = native.bin_grad_coefs(ctx.count, ctx.use_batch, weight, st, s1, t)
+        st = native_mixtures.BinState(buf, *rows_mean.shape)
+        dg, db, dr, k1, k2, k3 = native_mixtures.bin_grad_coefs(ctx.count, ctx.use_batch, weight, st, s1, t)
         dx = native.affine_grad(dy, x, k1, k2, rows_mean, k3) if ctx.needs_input_grad[0] else None
         wd, bd, rd = ctx.dtypes
         dweight = dg.to(wd) if weight is not None and ctx.needs_input_grad[1] else None

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from normzoo import _checks, kernels, native
+from normzoo import _checks, kernels, native, native_mixtures
 from normzoo.channel_norm import batch_or_running, native_batch_or_running
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
@@ -122,7 +122,7 @@ class _SwitchNormFn(torch.autograd.Function):
 
 class _SwitchNormNativeFn(torch.autograd.Function):
     """The same layer on the native kernels: the per-(n, c) moments, the mixing algebra in C
-    (:func:`normzoo.native.switch_coefs`; the running statistics updated there too), the affine pass; backward
+    (:func:`normzoo.native_mixtures.switch_coefs`; the running statistics updated there too), the affine pass; backward
     the two sums, the algebra in C, the ``dx`` pass. No O(N C) tensor operations in Python."""
 
     @staticmethod
@@ -133,7 +133,7 @@ class _SwitchNormNativeFn(torch.autograd.Function):
         count = x.numel() // (x.shape[0] * x.shape[1])
         logits = torch.cat([mean_logits.detach(), var_logits.detach()]).to(torch.float64)
         read = not use_batch or training  # running statistics: read in eval, updated in training
-        st = native.switch_coefs(rows_mean, rows_m2, count, logits, running_mean if read else None,
+        st = native_mixtures.switch_coefs(rows_mean, rows_m2, count, logits, running_mean if read else None,
                                  running_var if read else None, use_batch, momentum, weight, bias, eps)
         y = native.affine(x, st.a, st.mean, st.b)
         ctx.count, ctx.use_batch = count, use_batch
@@ -148,9 +148,9 @@ class _SwitchNormNativeFn(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
         x, weight, rows_mean, rows_m2, buf = ctx.saved_tensors
         native.wake_workers(x)
-        st = native.SwitchState(buf, *rows_mean.shape)
+        st = native_mixtures.SwitchState(buf, *rows_mean.shape)
         s1, t = native.grad_sums(dy, x, st.mean)
-        dg, db, dl, k1, k2, k3 = native.switch_grad_coefs(rows_mean, rows_m2, ctx.count, ctx.use_batch, weight, st,
+        dg, db, dl, k1, k2, k3 = native_mixtures.switch_grad_coefs(rows_mean, rows_m2, ctx.count, ctx.use_batch, weight, st,
                                                           s1, t)
         dx = native.affine_grad(dy, x, k1, k2, st.mean, k3) if ctx.needs_input_grad[0] else None
         wd, bd, md, vd = ctx.param_dtypes
