@@ -1,12 +1,12 @@
 """Native CPU kernels for the passes over full-size tensors, built on first use.
 
 The kernels (``normzoo/_native/kernels.c.in``, the core, and method-specific ``_native/*.c.in`` files compiled
-with it as one unit) are plain C, vectorized by the compiler and run on a small pthread pool. This module
-binds the core; the method-specific kernels have their bindings beside it (:mod:`normzoo.native_mixtures`,
-:mod:`normzoo.native_evonorm`, through :func:`declared`). They need no PyTorch headers: the system C compiler (``$CC`` or ``cc``/``gcc``) builds
-them once per machine (about 20 s), into a per-user cache (``$NORMZOO_CACHE`` or ``~/.cache/normzoo``) keyed
-by the source, the compiler and the CPU. They are loaded with :mod:`ctypes` and called on tensors' data
-pointers.
+with it as one unit) are plain C, vectorized by the compiler and run on a small pthread pool. They need no
+PyTorch headers: the system C compiler (``$CC`` or ``cc``/``gcc``) builds them once per machine (about 20 s),
+into a per-user cache (``$NORMZOO_CACHE`` or ``~/.cache/normzoo``) keyed by the source, the compiler and the
+CPU. They are loaded with :mod:`ctypes` and called on tensors' data pointers. This module binds the core; the
+method-specific kernels have their bindings beside it (:mod:`normzoo.native_mixtures`,
+:mod:`normzoo.native_evonorm`, through :func:`declared`).
 
 Where they do not apply (no compiler, ``NORMZOO_NATIVE=0``, a GPU tensor, float16, a layout that is
 neither contiguous nor channels_last), :mod:`normzoo.kernels` falls back to stock PyTorch operations
