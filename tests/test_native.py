@@ -461,3 +461,23 @@ def test_nan_input_gives_nan_statistics_not_zero_variance(name, channels_last):
         y = F.instance_norm(x) if name == "in" else F.group_norm(x, 4)
         want = torch.nn.functional.instance_norm(x) if name == "in" else torch.nn.functional.group_norm(x, 4)
     assert torch.equal(torch.isnan(y), torch.isnan(want))
+
+
+def test_declared_sets_argtypes_once_per_library_and_needs_the_kernels(monkeypatch):
+    import ctypes
+
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    signature = [P, I64, I64, I64, I, P, P, I]  # nz_moments' own: declaring it again changes nothing
+    lib = native.declared({"nz_moments_{suf}": signature})
+    assert lib is native.library()
+    for suf in ("f32", "f64", "bf16"):
+        fn = getattr(lib, f"nz_moments_{suf}")
+        assert fn.restype is None and list(fn.argtypes) == signature
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(native.moments(x)[0], x.double().mean(2))
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_loaded", True)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        native.declared({"nz_moments_{suf}": []})
