@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+from normzoo._autograd import once_differentiable
 
 from normzoo import native
 

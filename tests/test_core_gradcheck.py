@@ -57,3 +57,26 @@ def test_double_backward_is_not_silently_wrong():
     (g,) = torch.autograd.grad(m(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("name,shape", [("bn2d", (3, 4, 3, 3)), ("in2d", (3, 4, 3, 3)), ("gn", (3, 4, 3, 3)),
+                                        ("ln2d", (3, 4, 3, 3)), ("brn2d", (3, 4, 3, 3)), ("bin2d", (3, 4, 3, 3)),
+                                        ("switch2d", (3, 4, 3, 3)), ("frn", (3, 4, 3, 3)),
+                                        ("evonorm_b0", (3, 4, 3, 3)), ("evonorm_s0", (3, 4, 3, 3)),
+                                        ("ln", (3, 5, 4)), ("rms", (3, 5, 4))])
+def test_second_derivative_is_refused_but_first_order_under_create_graph_is_right(name, shape):
+    """normzoo's once_differentiable skips torch's no_grad wrapper on the usual backward; under create_graph
+    it must still give the right first derivative and refuse the second."""
+    import copy
+
+    import normzoo
+
+    torch.manual_seed(0)
+    m = normzoo.create(name, 4).double()
+    twin = copy.deepcopy(m)  # the same running statistics for the second call (Batch Renorm's r and d use them)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    (g_plain,) = torch.autograd.grad(m(x).pow(2).sum(), x)
+    (g,) = torch.autograd.grad(twin(x).pow(2).sum(), x, create_graph=True)
+    torch.testing.assert_close(g, g_plain)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()

@@ -58,7 +58,7 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+from normzoo._autograd import once_differentiable
 
 from normzoo import _checks, kernels, native, native_evonorm
 from normzoo.nn.group import default_groups

@@ -44,7 +44,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+from normzoo._autograd import once_differentiable
 
 from normzoo import _checks, kernels, native
 from normzoo.channel_norm import Policy, channel_norm, fixed_affine

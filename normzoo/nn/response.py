@@ -31,7 +31,7 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+from normzoo._autograd import once_differentiable
 
 from normzoo import _checks, kernels, native
 from normzoo.registry import register

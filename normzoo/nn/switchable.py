@@ -44,7 +44,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
+from normzoo._autograd import once_differentiable
 
 from normzoo import _checks, kernels, native, native_mixtures
 from normzoo.channel_norm import batch_or_running, native_batch_or_running
