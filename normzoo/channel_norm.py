@@ -103,6 +103,41 @@ def _with_weight(t: Tensor, weight: Optional[Tensor]) -> Tensor:
     return t if weight is None else t * weight.to(t.dtype)
 
 
+def _cast(grad: Optional[Tensor], like: Any) -> Optional[Tensor]:
+    """A parameter's gradient from the kernels (arithmetic type) in the parameter's dtype (``like``: the
+    parameter or its dtype); ``None`` stays ``None``."""
+    dtype = like if isinstance(like, torch.dtype) or like is None else like.dtype
+    return grad if grad is None or grad.dtype == dtype else grad.to(dtype)
+
+
+class _GroupFn(torch.autograd.Function):
+    """Statistics local to a sample (InstanceNorm, GroupNorm, channel-first LayerNorm) in the native fused
+    kernels, :func:`normzoo.native.group_forward` and ``group_backward``: each block of ``x`` is read once
+    per pass, and the parameter gradients come out of the backward kernel. Kept lean on purpose (one call
+    each way, nothing else): at small sizes the Python cost of an op is a visible part of a layer's time.
+    ``out`` receives the group ``mean`` and ``M2`` (float64 ``(N, G)``), constants for autograd."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], groups: int, eps: float,
+                mode: str, out: list) -> Tensor:
+        y, mean, m2, rstd = native.group_forward(x, groups, weight, bias, eps, mode)
+        ctx.groups, ctx.mode, ctx.bias_dtype = groups, mode, None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, mean, rstd)
+        out += (mean, m2)
+        return y
+
+    @staticmethod
+    @once_differentiable  # statistics are saved as constants: a second derivative must fail, not be wrong
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
+        x, weight, mean, rstd = ctx.saved_tensors
+        native.wake_workers(x)
+        _, want_w, want_b, *_ = ctx.needs_input_grad
+        dx, dweight, dbias = native.group_backward(dy, x, ctx.groups, weight, mean, rstd, ctx.mode,
+                                                   want_w and weight is not None,
+                                                   want_b and ctx.bias_dtype is not None)[:3]
+        return dx, _cast(dweight, weight), _cast(dbias, ctx.bias_dtype), None, None, None, None
+
+
 class _ChannelNormFn(torch.autograd.Function):
     """The autograd op behind :func:`channel_norm`. Its one output is ``y``: the group moments, constants
     for autograd, go to the caller through ``out`` (a list that receives ``mean, m2, running_done`` and the
@@ -117,7 +152,7 @@ class _ChannelNormFn(torch.autograd.Function):
         ctx.policy, ctx.mode = policy, mode
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.fused_groups, ctx.fused_batch, ctx.merged_count = 0, False, None
+        ctx.fused_batch, ctx.merged_count = False, None
         scalar_extra = extra is None or not isinstance(extra.count, Tensor) or extra.count.numel() == 1
         if prepared is None and scalar_extra and policy.over == "batch" and mode != "rms" and native.supports(x):
             # BatchNorm: both passes, the per-channel algebra and the running statistics in one native call
@@ -136,14 +171,6 @@ class _ChannelNormFn(torch.autograd.Function):
             mean_g, m2_g = mean_c.view(1, c), m2_c.view(1, c)
             own_g = (mean_g, m2_g) if extra is None else (own_c[0].view(1, c), own_c[1].view(1, c))
             out += [mean_g, m2_g, in_c, *own_g]
-            return y
-        if prepared is None and extra is None and policy.over != "batch" and x.dim() > 2 and native.supports(x):
-            # statistics local to a sample: one fused pass reads each block once (native.group_forward)
-            groups = c if policy.over == "instance" else policy.groups
-            y, mean_g, m2_g, rstd_g = native.group_forward(x, groups, weight, bias, eps, mode)
-            ctx.fused_groups, ctx.count = groups, policy.group_count(x)
-            ctx.save_for_backward(x, weight, mean_g, rstd_g, None)
-            out += [mean_g, m2_g, False, mean_g, m2_g]
             return y
         p = prepared if prepared is not None else kernels.prepare(x)
         group = policy.reduce(p.rows)
@@ -171,16 +198,10 @@ class _ChannelNormFn(torch.autograd.Function):
         x, weight, mean_g, rstd_g, shift = ctx.saved_tensors
         native.wake_workers(x)
         want_w, want_b = ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.fused_batch or ctx.fused_groups:  # the parameter gradients come out of the kernel too
-            if ctx.fused_batch:
-                dx, dweight, dbias = native.batch_backward(dy, x, weight, mean_g, rstd_g, ctx.mode, want_w, want_b,
-                                                           ctx.merged_count)
-            else:
-                dx, dweight, dbias = native.group_backward(dy, x, ctx.fused_groups, weight, mean_g, rstd_g, ctx.mode,
-                                                           want_w, want_b)[:3]
-            dweight = dweight.to(weight.dtype) if want_w else None
-            dbias = dbias.to(ctx.bias_dtype) if want_b else None
-            return dx, dweight, dbias, None, None, None, None, None, None, None
+        if ctx.fused_batch:  # the parameter gradients come out of the kernel too
+            dx, dweight, dbias = native.batch_backward(dy, x, weight, mean_g, rstd_g, ctx.mode, want_w, want_b,
+                                                       ctx.merged_count)
+            return dx, _cast(dweight, weight), _cast(dbias, ctx.bias_dtype), None, None, None, None, None, None, None
         policy: Policy = ctx.policy
         c = x.shape[1]
         rstd = policy.expand(rstd_g, c)
@@ -237,8 +258,16 @@ def channel_norm(
     if mode not in ("standard", "mean", "rms"):
         raise ValueError(f"channel_norm: mode must be 'standard', 'mean' or 'rms', got {mode!r}")
     out: list = []
-    y = _ChannelNormFn.apply(x, weight, bias, policy, eps, mode, prepared, extra, running, out)
-    mean, m2, running_done, own_mean, own_m2 = out
+    if prepared is None and extra is None and policy.over != "batch" and x.dim() > 2 and native.supports(x):
+        # statistics local to a sample: one fused pass reads each block once
+        y = _GroupFn.apply(x, weight, bias, x.shape[1] if policy.over == "instance" else policy.groups, eps, mode,
+                           out)
+        mean = own_mean = out[0]
+        m2 = own_m2 = out[1]
+        running_done = False
+    else:
+        y = _ChannelNormFn.apply(x, weight, bias, policy, eps, mode, prepared, extra, running, out)
+        mean, m2, running_done, own_mean, own_m2 = out
     count = policy.group_count(x)
     moments = Moments(count if extra is None else count + extra.count, mean, m2)
     if running is not None or own is not None:
