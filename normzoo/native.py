@@ -340,11 +340,10 @@ def _param(t: Optional[Tensor], dtype: torch.dtype, size: int) -> Optional[Tenso
 
 
 def _param_grads(c: int, dtype: torch.dtype, dgamma: bool, dbeta: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """Buffers for the kernels' ``dgamma``/``dbeta`` outputs (arithmetic type), ``None`` where not wanted."""
-    if not (dgamma or dbeta):
-        return None, None
-    out = torch.empty(2, c, dtype=_arith(dtype))
-    return (out[0] if dgamma else None), (out[1] if dbeta else None)
+    """Buffers for the kernels' ``dgamma``/``dbeta`` outputs (arithmetic type), ``None`` where not wanted; separate
+    tensors (views of one would cost the autograd engine more than a second allocation)."""
+    want = _arith(dtype)
+    return (torch.empty(c, dtype=want) if dgamma else None), (torch.empty(c, dtype=want) if dbeta else None)
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
