@@ -138,8 +138,49 @@ class _GroupFn(torch.autograd.Function):
         return dx, _cast(dweight, weight), _cast(dbias, ctx.bias_dtype), None, None, None, None
 
 
+class _BatchFn(torch.autograd.Function):
+    """BatchNorm training (statistics per channel over the batch and space) in the native kernels,
+    :func:`normzoo.native.batch_forward` and ``batch_backward``: both passes, the per-channel algebra and the
+    running-statistics update (where :func:`normzoo.native.running_update_applies`) in one call each way.
+    ``extra``: constant moments merged into every channel (Cross-Iteration BN's window, scalar count); the
+    backward then runs with the merged count. ``out`` receives the channel ``mean`` and ``M2`` (merged),
+    whether the running statistics were updated, and the batch's own ``mean`` and ``M2``, ``(1, C)`` each."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
+                extra: Optional[Moments], running: Optional[Running], out: list) -> Tensor:
+        c = x.shape[1]
+        in_c = running is not None and native.running_update_applies(running.mean, running.var)
+        run = (running.mean, running.var, running.momentum) if in_c else ()
+        ctx.merged_count = None
+        if extra is None:
+            y, mean, m2, rstd = native.batch_forward(x, weight, bias, eps, mode, *run)
+            own = (mean, m2)
+        else:  # the backward runs with the merged count
+            extra_count = float(extra.count)
+            y, mean, m2, rstd, *own = native.batch_merged_forward(x, weight, bias, eps, mode, extra_count, extra.mean,
+                                                                  extra.m2, *run)
+            ctx.merged_count = x.numel() // c + extra_count
+        ctx.mode, ctx.bias_dtype = mode, None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, mean, rstd)
+        out += (mean.view(1, c), m2.view(1, c), in_c, own[0].view(1, c), own[1].view(1, c))
+        return y
+
+    @staticmethod
+    @once_differentiable  # statistics are saved as constants: a second derivative must fail, not be wrong
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
+        x, weight, mean, rstd = ctx.saved_tensors
+        native.wake_workers(x)
+        _, want_w, want_b, *_ = ctx.needs_input_grad
+        dx, dweight, dbias = native.batch_backward(dy, x, weight, mean, rstd, ctx.mode, want_w and weight is not None,
+                                                   want_b and ctx.bias_dtype is not None, ctx.merged_count)
+        return dx, _cast(dweight, weight), _cast(dbias, ctx.bias_dtype), None, None, None, None, None
+
+
 class _ChannelNormFn(torch.autograd.Function):
-    """The autograd op behind :func:`channel_norm`. Its one output is ``y``: the group moments, constants
+    """The general autograd op behind :func:`channel_norm` (what the fused native ops, :class:`_BatchFn` and
+    :class:`_GroupFn`, do not take: prepared moments, a per-group merged count, RMS over the batch, 2-D input
+    for sample-local statistics, or no native kernels). Its one output is ``y``: the group moments, constants
     for autograd, go to the caller through ``out`` (a list that receives ``mean, m2, running_done`` and the
     group's own moments before ``extra`` was merged in, ``own_mean, own_m2``), which keeps the op as light
     as torch's own norms in the autograd engine (no outputs to wrap, no zero gradients to make for them)."""
@@ -151,27 +192,6 @@ class _ChannelNormFn(torch.autograd.Function):
         c = x.shape[1]
         ctx.policy, ctx.mode = policy, mode
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.fused_batch, ctx.merged_count = False, None
-        scalar_extra = extra is None or not isinstance(extra.count, Tensor) or extra.count.numel() == 1
-        if prepared is None and scalar_extra and policy.over == "batch" and mode != "rms" and native.supports(x):
-            # BatchNorm: both passes, the per-channel algebra and the running statistics in one native call
-            in_c = running is not None and native.running_update_applies(running.mean, running.var)
-            run = (running.mean, running.var, running.momentum) if in_c else ()
-            if extra is None:
-                y, mean_c, m2_c, rstd_c = native.batch_forward(x, weight, bias, eps, mode, *run)
-                own_c = ()
-            else:  # constant moments merged in (Cross-Iteration BN): the backward runs with the merged count
-                extra_count = float(extra.count)
-                y, mean_c, m2_c, rstd_c, *own_c = native.batch_merged_forward(
-                    x, weight, bias, eps, mode, extra_count, extra.mean, extra.m2, *run)
-                ctx.merged_count = x.numel() // c + extra_count
-            ctx.fused_batch = True
-            ctx.save_for_backward(x, weight, mean_c, rstd_c, None)
-            mean_g, m2_g = mean_c.view(1, c), m2_c.view(1, c)
-            own_g = (mean_g, m2_g) if extra is None else (own_c[0].view(1, c), own_c[1].view(1, c))
-            out += [mean_g, m2_g, in_c, *own_g]
-            return y
         p = prepared if prepared is not None else kernels.prepare(x)
         group = policy.reduce(p.rows)
         if x.dim() == 2 and not p.exact and p.shift is None and bool(ill_conditioned(group, x.dtype).any()):
@@ -198,10 +218,6 @@ class _ChannelNormFn(torch.autograd.Function):
         x, weight, mean_g, rstd_g, shift = ctx.saved_tensors
         native.wake_workers(x)
         want_w, want_b = ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.fused_batch:  # the parameter gradients come out of the kernel too
-            dx, dweight, dbias = native.batch_backward(dy, x, weight, mean_g, rstd_g, ctx.mode, want_w, want_b,
-                                                       ctx.merged_count)
-            return dx, _cast(dweight, weight), _cast(dbias, ctx.bias_dtype), None, None, None, None, None, None, None
         policy: Policy = ctx.policy
         c = x.shape[1]
         rstd = policy.expand(rstd_g, c)
@@ -258,7 +274,11 @@ def channel_norm(
     if mode not in ("standard", "mean", "rms"):
         raise ValueError(f"channel_norm: mode must be 'standard', 'mean' or 'rms', got {mode!r}")
     out: list = []
-    if prepared is None and extra is None and policy.over != "batch" and x.dim() > 2 and native.supports(x):
+    scalar_extra = extra is None or not isinstance(extra.count, Tensor) or extra.count.numel() == 1
+    if prepared is None and policy.over == "batch" and mode != "rms" and scalar_extra and native.supports(x):
+        y = _BatchFn.apply(x, weight, bias, eps, mode, extra, running, out)
+        mean, m2, running_done, own_mean, own_m2 = out
+    elif prepared is None and extra is None and policy.over != "batch" and x.dim() > 2 and native.supports(x):
         # statistics local to a sample: one fused pass reads each block once
         y = _GroupFn.apply(x, weight, bias, x.shape[1] if policy.over == "instance" else policy.groups, eps, mode,
                            out)
