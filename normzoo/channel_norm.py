@@ -115,24 +115,24 @@ class _GroupFn(torch.autograd.Function):
     kernels, :func:`normzoo.native.group_forward` and ``group_backward``: each block of ``x`` is read once
     per pass, and the parameter gradients come out of the backward kernel. Kept lean on purpose (one call
     each way, nothing else): at small sizes the Python cost of an op is a visible part of a layer's time.
-    ``out`` receives the group ``mean`` and ``M2`` (float64 ``(N, G)``), constants for autograd."""
+    ``out`` receives the statistics block (float64 ``(3, N, G)``: mean, M2, rstd), constants for autograd."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], groups: int, eps: float,
                 mode: str, out: list) -> Tensor:
-        y, mean, m2, rstd = native.group_forward(x, groups, weight, bias, eps, mode)
+        y, stats = native.group_forward(x, groups, weight, bias, eps, mode)
         ctx.groups, ctx.mode, ctx.bias_dtype = groups, mode, None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, mean, rstd)
-        out += (mean, m2)
+        ctx.save_for_backward(x, weight, stats)
+        out.append(stats)
         return y
 
     @staticmethod
     @once_differentiable  # statistics are saved as constants: a second derivative must fail, not be wrong
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, stats = ctx.saved_tensors
         native.wake_workers(x)
         _, want_w, want_b, *_ = ctx.needs_input_grad
-        dx, dweight, dbias = native.group_backward(dy, x, ctx.groups, weight, mean, rstd, ctx.mode,
+        dx, dweight, dbias = native.group_backward(dy, x, ctx.groups, weight, stats, ctx.mode,
                                                    want_w and weight is not None,
                                                    want_b and ctx.bias_dtype is not None)[:3]
         return dx, _cast(dweight, weight), _cast(dbias, ctx.bias_dtype), None, None, None, None
@@ -144,7 +144,7 @@ class _BatchFn(torch.autograd.Function):
     running-statistics update (where :func:`normzoo.native.running_update_applies`) in one call each way.
     ``extra``: constant moments merged into every channel (Cross-Iteration BN's window, scalar count); the
     backward then runs with the merged count. ``out`` receives the channel ``mean`` and ``M2`` (merged),
-    whether the running statistics were updated, and the batch's own ``mean`` and ``M2``, ``(1, C)`` each."""
+    whether the running statistics were updated, and the batch's own ``mean`` and ``M2``, ``(C,)`` each."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
@@ -163,7 +163,7 @@ class _BatchFn(torch.autograd.Function):
             ctx.merged_count = x.numel() // c + extra_count
         ctx.mode, ctx.bias_dtype = mode, None if bias is None else bias.dtype
         ctx.save_for_backward(x, weight, mean, rstd)
-        out += (mean.view(1, c), m2.view(1, c), in_c, own[0].view(1, c), own[1].view(1, c))
+        out += (mean, m2, in_c, *own)
         return y
 
     @staticmethod
@@ -252,11 +252,12 @@ def channel_norm(
     extra: Optional[Moments] = None,
     running: Optional[Running] = None,
     own: Optional[list] = None,
-) -> Tuple[Tensor, Moments]:
+    moments: bool = True,
+) -> Tuple[Tensor, Optional[Moments]]:
     """Normalize ``x`` of shape ``(N, C, *S)`` with statistics of the given :class:`Policy`.
 
     ``mode``: ``"standard"``, ``"mean"`` (mean-only) or ``"rms"`` (see the module doc).
-    Returns ``(y, group_moments)``; the moments (float32, detached) serve running-statistics updates.
+    Returns ``(y, group_moments)``; the moments (float64, detached) serve running-statistics updates.
     ``weight``/``bias`` (shape ``(C,)``) may be any autograd expressions (Batch Renorm passes
     ``gamma * r`` and ``beta + gamma * d``). ``prepared`` lets a caller that needed the statistics
     first (to compute its own coefficients) hand over :func:`normzoo.kernels.prepare`'s result
@@ -269,34 +270,43 @@ def channel_norm(
     merged in (batch policy: per channel; instance policy: averaged over the batch, see
     :func:`normzoo.running.update_running_stats`); BatchNorm's native kernel does it in the same call.
     ``own``: a list that receives those moments of ``x`` itself (a :class:`Moments`).
+    ``moments=False``: return ``(y, None)``, for callers that only want ``y`` (the moments are then not even
+    assembled; the layers' hot path).
     """
     native.wake_workers(x)
     if mode not in ("standard", "mean", "rms"):
         raise ValueError(f"channel_norm: mode must be 'standard', 'mean' or 'rms', got {mode!r}")
     out: list = []
     scalar_extra = extra is None or not isinstance(extra.count, Tensor) or extra.count.numel() == 1
+    wanted = moments or running is not None or own is not None
     if prepared is None and policy.over == "batch" and mode != "rms" and scalar_extra and native.supports(x):
         y = _BatchFn.apply(x, weight, bias, eps, mode, extra, running, out)
         mean, m2, running_done, own_mean, own_m2 = out
+        if not (moments or own is not None or (running is not None and not running_done)):
+            return y, None
+        c = x.shape[1]
+        mean, m2, own_mean, own_m2 = mean.view(1, c), m2.view(1, c), own_mean.view(1, c), own_m2.view(1, c)
     elif prepared is None and extra is None and policy.over != "batch" and x.dim() > 2 and native.supports(x):
         # statistics local to a sample: one fused pass reads each block once
         y = _GroupFn.apply(x, weight, bias, x.shape[1] if policy.over == "instance" else policy.groups, eps, mode,
                            out)
-        mean = own_mean = out[0]
-        m2 = own_m2 = out[1]
+        if not wanted:
+            return y, None
+        mean = own_mean = out[0][0]
+        m2 = own_m2 = out[0][1]
         running_done = False
     else:
         y = _ChannelNormFn.apply(x, weight, bias, policy, eps, mode, prepared, extra, running, out)
         mean, m2, running_done, own_mean, own_m2 = out
     count = policy.group_count(x)
-    moments = Moments(count if extra is None else count + extra.count, mean, m2)
+    result = Moments(count if extra is None else count + extra.count, mean, m2)
     if running is not None or own is not None:
-        mine = moments if extra is None else Moments(count, own_mean, own_m2)
+        mine = result if extra is None else Moments(count, own_mean, own_m2)
         if own is not None:
             own.append(mine)
         if running is not None and not running_done:
             running.update(mine.reshape(x.shape[1]) if policy.over == "batch" else mine)
-    return y, moments
+    return y, (result if moments else None)
 
 
 @dataclass

@@ -37,7 +37,7 @@ def _batch_norm_impl(name: str, input: Tensor, running_mean: Optional[Tensor], r
         _checks.check_batch_stats(name, input, count)
     track = training and (running_mean is not None or running_var is not None)
     running = Running(running_mean, running_var, momentum) if track else None
-    return channel_norm(input, weight, bias, Policy("batch"), eps, mode=mode, running=running)[0]
+    return channel_norm(input, weight, bias, Policy("batch"), eps, mode=mode, running=running, moments=False)[0]
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -90,7 +90,7 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     _checks.check_batch_stats(name, input, spatial, "spatial element per channel")
     track = running_mean is not None or running_var is not None
     running = Running(running_mean, running_var, momentum) if track else None
-    return channel_norm(input, weight, bias, Policy("instance"), eps, running=running)[0]
+    return channel_norm(input, weight, bias, Policy("instance"), eps, running=running, moments=False)[0]
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -107,7 +107,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     _checks.check_groups(name, num_groups, c)
     _checks.check_param(name, "weight", weight, (c,))
     _checks.check_param(name, "bias", bias, (c,))
-    return channel_norm(input, weight, bias, Policy("group", num_groups), eps)[0]
+    return channel_norm(input, weight, bias, Policy("group", num_groups), eps, moments=False)[0]
 
 
 def layer_norm_2d(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -123,7 +123,7 @@ def layer_norm_2d(input: Tensor, weight: Optional[Tensor] = None, bias: Optional
     c = input.shape[1]
     _checks.check_param(name, "weight", weight, (c,))
     _checks.check_param(name, "bias", bias, (c,))
-    return channel_norm(input, weight, bias, Policy("group", 1), eps)[0]
+    return channel_norm(input, weight, bias, Policy("group", 1), eps, moments=False)[0]
 
 
 def _as_shape(normalized_shape: _Shape) -> List[int]:

@@ -360,18 +360,21 @@ _MODES = {"standard": 0, "mean": 1, "rms": 2}
 
 
 def group_forward(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                  mode: str, tau: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fused per-(sample, channel group) normalization of ``x`` ``(N, C, *S)``: ``y`` and float64 ``(N, G)``
-    group ``mean``, ``M2`` and ``rstd``. Reads ``x`` once from memory (the block stays in cache).
-    ``tau`` ``(C,)``: the TLU after the affine map, ``y = max(gamma x_hat + beta, tau)`` (FRN)."""
-    n, c, l = _dims(x)
+                  mode: str, tau: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Fused per-(sample, channel group) normalization of ``x`` ``(N, C, *S)``: ``y`` and the group statistics,
+    one float64 ``(3, N, G)`` block of ``mean``, ``M2`` and ``rstd`` (one allocation: a layer's hot path
+    does not pay for three tensors it may never look at). Reads ``x`` once from memory (the block stays in
+    cache). ``tau`` ``(C,)``: the TLU after the affine map, ``y = max(gamma x_hat + beta, tau)`` (FRN)."""
+    n, c = x.shape[0], x.shape[1]
     y = torch.empty_like(x)
-    mean, m2, rstd = _stats(3, n, groups)
+    stats = torch.empty(3, n, groups, dtype=torch.float64)
+    p, step = stats.data_ptr(), 8 * n * groups
     g, b, t = _param(weight, x.dtype, c), _param(bias, x.dtype, c), _param(tau, x.dtype, c)
-    _fn("group_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, groups, layout(x), _ptr(g), _ptr(b), _ptr(t),
-                                  float(eps), _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(),
-                                  _threads(x.numel()))
-    return y, mean, m2, rstd
+    numel = x.numel()
+    _fn("group_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, numel // (n * c), groups, layout(x), _ptr(g),
+                                  _ptr(b), _ptr(t), float(eps), _MODES[mode], p, p + step, p + 2 * step,
+                                  _threads(numel))
+    return y, stats
 
 
 class GroupGrads(NamedTuple):
@@ -384,23 +387,26 @@ class GroupGrads(NamedTuple):
     drstd: Optional[Tensor]  #: float64 ``(N, G)``: ``dL / d rstd`` of each group
 
 
-def group_backward(dy: Tensor, x: Tensor, groups: int, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                   mode: str, dgamma: bool = True, dbeta: bool = True, bias: Optional[Tensor] = None,
+def group_backward(dy: Tensor, x: Tensor, groups: int, weight: Optional[Tensor], stats: Tensor, mode: str,
+                   dgamma: bool = True, dbeta: bool = True, bias: Optional[Tensor] = None,
                    tau: Optional[Tensor] = None, dtau: bool = False, drstd: bool = False) -> GroupGrads:
-    """Fused backward of :func:`group_forward` (with the same ``bias`` and ``tau`` when it had a TLU: ``dy`` then
-    flows where ``gamma x_hat + beta >= tau``, ties included). ``dx`` always; ``dgamma``, ``dbeta``, ``dtau``
-    and ``drstd`` where asked for."""
-    n, c, l = _dims(x)
+    """Fused backward of :func:`group_forward`, from its statistics block ``stats`` (with the same ``bias`` and
+    ``tau`` when it had a TLU: ``dy`` then flows where ``gamma x_hat + beta >= tau``, ties included). ``dx``
+    always; ``dgamma``, ``dbeta``, ``dtau`` and ``drstd`` where asked for."""
+    n, c = x.shape[0], x.shape[1]
+    if stats.shape != (3, n, groups) or stats.dtype != torch.float64 or not stats.is_contiguous():
+        raise ValueError(f"group_backward: stats must be group_forward's contiguous float64 (3, {n}, {groups}) block, "
+                         f"got {stats.dtype} {tuple(stats.shape)}")
     dy = _like(x, dy)
     dx = torch.empty_like(x)
     g, b, t = _param(weight, x.dtype, c), _param(bias, x.dtype, c), _param(tau, x.dtype, c)
     dg, db = _param_grads(c, x.dtype, dgamma, dbeta)
     dt = _param_grads(c, x.dtype, dtau and tau is not None, False)[0]
     dr = torch.empty(n, groups, dtype=torch.float64) if drstd else None
-    _fn("group_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, groups, layout(x), _ptr(g),
-                                   _ptr(b), _ptr(t), _MODES[mode], mean.contiguous().data_ptr(),
-                                   rstd.contiguous().data_ptr(), _ptr(dg), _ptr(db), _ptr(dt), _ptr(dr),
-                                   _threads(x.numel()))
+    p, numel = stats.data_ptr(), x.numel()
+    _fn("group_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel // (n * c), groups,
+                                   layout(x), _ptr(g), _ptr(b), _ptr(t), _MODES[mode], p, p + 16 * n * groups,
+                                   _ptr(dg), _ptr(db), _ptr(dt), _ptr(dr), _threads(numel))
     return GroupGrads(dx, dg, db, dt, dr)
 
 

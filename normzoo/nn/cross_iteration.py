@@ -369,7 +369,7 @@ class _CrossIterationBatchNorm(NormBase):
             return fixed_affine(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
         self._check_batch_stats(x)
         if not self.training:  # no running statistics: plain batch statistics in eval
-            return channel_norm(x, self.weight, self.bias, Policy("batch"), self.eps)[0]
+            return channel_norm(x, self.weight, self.bias, Policy("batch"), self.eps, moments=False)[0]
         factor = self._momentum_factor()
         k, step = self.window, self._step
         self._step += 1

@@ -106,8 +106,8 @@ class _FilterResponseFn(torch.autograd.Function):
         ctx.fused = x.dim() > 2 and eps.numel() == 1 and native.supports(x)
         if ctx.fused:
             native.wake_workers(x)
-            y, mean, _, rstd = native.group_forward(x, c, weight, bias, float(eps), "rms", tau)
-            ctx.save_for_backward(x, weight, bias, tau, rstd, mean)
+            y, stats = native.group_forward(x, c, weight, bias, float(eps), "rms", tau)
+            ctx.save_for_backward(x, weight, bias, tau, stats)
             return y
         rows = kernels.prepare(x).rows  # per (n, c): exact mean and M2 over the spatial dims
         nu2 = rows.var(0) + rows.mean.square()
@@ -116,23 +116,25 @@ class _FilterResponseFn(torch.autograd.Function):
         y = _pre_tlu(x, rstd, weight, bias)
         if tau is not None:
             torch.maximum(y, _per_channel(tau.detach(), y).to(y.dtype), out=y)
-        ctx.save_for_backward(x, weight, bias, tau, rstd, None)
+        ctx.save_for_backward(x, weight, bias, tau, rstd)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dz: Tensor):  # type: ignore[override]
-        x, weight, bias, tau, rstd, mean = ctx.saved_tensors
+        x, weight, bias, tau, saved = ctx.saved_tensors  # fused: group_forward's statistics block; else rstd (N, C)
         want = ctx.needs_input_grad
         if ctx.fused:
             native.wake_workers(x)
-            g = native.group_backward(dz, x, x.shape[1], weight, mean, rstd, "rms", weight is not None and want[1],
+            g = native.group_backward(dz, x, x.shape[1], weight, saved, "rms", weight is not None and want[1],
                                       bias is not None and want[2], bias=bias, tau=tau,
                                       dtau=tau is not None and want[3], drstd=want[4])
-            deps = None if g.drstd is None else (-0.5 * g.drstd * rstd.pow(3)).sum().reshape(ctx.eps_shape).to(ctx.eps_dtype)
+            deps = None if g.drstd is None else (-0.5 * g.drstd * saved[2].pow(3)).sum().reshape(ctx.eps_shape).to(
+                ctx.eps_dtype)
             return (g.dx, None if g.dgamma is None else g.dgamma.to(weight.dtype),
                     None if g.dbeta is None else g.dbeta.to(bias.dtype), None if g.dtau is None else g.dtau.to(tau.dtype),
                     deps)
+        rstd = saved
         dtau = None
         if tau is not None:
             above = _pre_tlu(x, rstd, weight, bias) >= _per_channel(tau, x).to(x.dtype)
