@@ -261,3 +261,31 @@ def test_device_and_dtype_factory_kwargs():
     assert bn.num_batches_tracked.dtype == torch.long
     ln = znn.LayerNorm(4, bias=False)
     assert ln.bias is None and "bias" not in ln.state_dict()
+
+
+def test_count_batch_counts_like_add_on_every_kind_of_counter():
+    """num_batches_tracked: the direct CPU bump and the add_ fallback give the same counts and types."""
+    from normzoo.running import count_batch_
+
+    plain = torch.tensor(0, dtype=torch.long)
+    assert [count_batch_(plain) for _ in range(3)] == [1, 2, 3]
+    assert plain.dtype == torch.long and plain.dim() == 0 and int(plain) == 3
+    other = torch.tensor(5, dtype=torch.int32)  # not int64: the add_ path
+    assert count_batch_(other) == 6 and other.dtype == torch.int32
+    with torch.inference_mode():
+        frozen = torch.tensor(0, dtype=torch.long)
+    with pytest.raises(RuntimeError):  # an inference tensor cannot be changed in place outside inference mode
+        count_batch_(frozen)
+
+
+def test_momentum_none_is_the_cumulative_average_with_the_fast_counter():
+    from normzoo import nn as znn
+
+    torch.manual_seed(0)
+    ours, ref = znn.BatchNorm2d(3, momentum=None), torch.nn.BatchNorm2d(3, momentum=None)
+    for _ in range(4):
+        x = torch.randn(4, 3, 5, 5) * 2 + 1
+        ours(x), ref(x)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 4
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from normzoo import _checks
+from normzoo.running import count_batch_
 
 
 def init_affine(module: nn.Module, shape: Any, weight: bool, bias: bool, device: Any = None, dtype: Any = None) -> None:
@@ -110,8 +111,8 @@ class NormBase(nn.Module):
         """Advance ``num_batches_tracked`` (training with tracking) and return this step's averaging factor."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            count = count_batch_(self.num_batches_tracked)
+            factor = 1.0 / count if self.momentum is None else self.momentum
         return factor
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,

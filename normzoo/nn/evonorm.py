@@ -63,6 +63,7 @@ from normzoo._autograd import once_differentiable
 from normzoo import _checks, kernels, native, native_evonorm
 from normzoo.nn.group import default_groups
 from normzoo.registry import register
+from normzoo.running import count_batch_
 from normzoo.stats import Moments, accumulation_dtype, ill_conditioned
 
 _INPUT_DIMS = (2, 3, 4, 5)
@@ -410,9 +411,9 @@ class EvoNormB0(_EvoNorm):
         x = self._check(input)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+            count = count_batch_(self.num_batches_tracked)
             if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+                factor = 1.0 / count
         return evonorm_b0(x, self.running_var, self.weight, self.bias, self.v,
                           self.training or self.running_var is None, factor, self.eps)
 
