@@ -143,8 +143,9 @@ class _BatchFn(torch.autograd.Function):
     :func:`normzoo.native.batch_forward` and ``batch_backward``: both passes, the per-channel algebra and the
     running-statistics update (where :func:`normzoo.native.running_update_applies`) in one call each way.
     ``extra``: constant moments merged into every channel (Cross-Iteration BN's window, scalar count); the
-    backward then runs with the merged count. ``out`` receives the channel ``mean`` and ``M2`` (merged),
-    whether the running statistics were updated, and the batch's own ``mean`` and ``M2``, ``(C,)`` each."""
+    backward then runs with the merged count. ``out`` receives the forward's statistics block (float64
+    ``(3, C)``: mean, M2, rstd; with ``extra`` ``(5, C)``, the merged ones, then the batch's own mean and M2)
+    and whether the running statistics were updated."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
@@ -154,25 +155,23 @@ class _BatchFn(torch.autograd.Function):
         run = (running.mean, running.var, running.momentum) if in_c else ()
         ctx.merged_count = None
         if extra is None:
-            y, mean, m2, rstd = native.batch_forward(x, weight, bias, eps, mode, *run)
-            own = (mean, m2)
+            y, stats = native.batch_forward(x, weight, bias, eps, mode, *run)
         else:  # the backward runs with the merged count
             extra_count = float(extra.count)
-            y, mean, m2, rstd, *own = native.batch_merged_forward(x, weight, bias, eps, mode, extra_count, extra.mean,
-                                                                  extra.m2, *run)
+            y, stats = native.batch_merged_forward(x, weight, bias, eps, mode, extra_count, extra.mean, extra.m2, *run)
             ctx.merged_count = x.numel() // c + extra_count
         ctx.mode, ctx.bias_dtype = mode, None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, mean, rstd)
-        out += (mean, m2, in_c, *own)
+        ctx.save_for_backward(x, weight, stats)
+        out += (stats, in_c)
         return y
 
     @staticmethod
     @once_differentiable  # statistics are saved as constants: a second derivative must fail, not be wrong
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, stats = ctx.saved_tensors
         native.wake_workers(x)
         _, want_w, want_b, *_ = ctx.needs_input_grad
-        dx, dweight, dbias = native.batch_backward(dy, x, weight, mean, rstd, ctx.mode, want_w and weight is not None,
+        dx, dweight, dbias = native.batch_backward(dy, x, weight, stats, ctx.mode, want_w and weight is not None,
                                                    want_b and ctx.bias_dtype is not None, ctx.merged_count)
         return dx, _cast(dweight, weight), _cast(dbias, ctx.bias_dtype), None, None, None, None, None
 
@@ -281,11 +280,12 @@ def channel_norm(
     wanted = moments or running is not None or own is not None
     if prepared is None and policy.over == "batch" and mode != "rms" and scalar_extra and native.supports(x):
         y = _BatchFn.apply(x, weight, bias, eps, mode, extra, running, out)
-        mean, m2, running_done, own_mean, own_m2 = out
+        stats, running_done = out
         if not (moments or own is not None or (running is not None and not running_done)):
             return y, None
-        c = x.shape[1]
-        mean, m2, own_mean, own_m2 = mean.view(1, c), m2.view(1, c), own_mean.view(1, c), own_m2.view(1, c)
+        stats = stats.unsqueeze(1)  # rows of (1, C)
+        mean, m2 = stats[0], stats[1]
+        own_mean, own_m2 = (mean, m2) if extra is None else (stats[3], stats[4])
     elif prepared is None and extra is None and policy.over != "batch" and x.dim() > 2 and native.supports(x):
         # statistics local to a sample: one fused pass reads each block once
         y = _GroupFn.apply(x, weight, bias, x.shape[1] if policy.over == "instance" else policy.groups, eps, mode,

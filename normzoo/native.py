@@ -438,80 +438,87 @@ def _running_type(running_mean: Optional[Tensor], running_var: Optional[Tensor])
 
 def batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
                   running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
-                  momentum: float = 0.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """BatchNorm of ``x`` ``(N, C, *S)`` with batch statistics: ``y`` and float64 ``(C,)`` ``mean``, ``M2``, ``rstd``.
+                  momentum: float = 0.0) -> Tuple[Tensor, Tensor]:
+    """BatchNorm of ``x`` ``(N, C, *S)`` with batch statistics: ``y`` and the channel statistics, one float64
+    ``(3, C)`` block of ``mean``, ``M2`` and ``rstd`` (for :func:`batch_backward`).
 
     ``running_mean``/``running_var`` (where :func:`running_update_applies`) are updated in place,
     ``running += momentum * (batch - running)`` with the unbiased batch variance, as ``torch.lerp_`` would.
     """
-    return _batch_forward(x, weight, bias, eps, mode, running_mean, running_var, momentum)[:4]
+    return _batch_forward(x, weight, bias, eps, mode, running_mean, running_var, momentum)
 
 
 def batch_renorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                          running_mean: Tensor, running_var: Tensor, momentum: float, r_max: float,
-                         d_max: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         d_max: float) -> Tuple[Tensor, Tensor]:
     """Batch Renormalization (training) of ``x``: BatchNorm with weight ``gamma r`` and bias ``beta + gamma d``,
     ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, -d_max, d_max)`` from the
     running statistics, which are then updated in place as in :func:`batch_forward`.
-    Returns ``y`` and float64 ``(C,)`` ``mean``, ``M2``, ``rstd``, ``r``, ``d``."""
+    Returns ``y`` and a float64 ``(5, C)`` block: ``mean``, ``M2``, ``rstd``, ``r``, ``d``."""
     if running_mean is None or running_var is None:
         raise ValueError("batch_renorm_forward: needs both running_mean and running_var")
     return _batch_forward(x, weight, bias, eps, "standard", running_mean, running_var, momentum,
-                          limits=(r_max, d_max))[:6]
+                          limits=(r_max, d_max))
 
 
 def batch_merged_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
                          extra_count: float, extra_mean: Tensor, extra_m2: Tensor,
                          running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
-                         momentum: float = 0.0) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         momentum: float = 0.0) -> Tuple[Tensor, Tensor]:
     """BatchNorm of ``x`` with each channel's batch moments merged with constant ones (``extra_count``
     elements with mean ``extra_mean`` and M2 ``extra_m2``, float64 ``(C,)``): Cross-Iteration BN's window.
-    Returns ``y``, the merged float64 ``(C,)`` ``mean``, ``M2``, ``rstd``, and the batch's own ``mean``, ``M2``
-    (those update the running statistics, if given). Backward: :func:`batch_backward` with
+    Returns ``y`` and a float64 ``(5, C)`` block: the merged ``mean``, ``M2``, ``rstd``, and the batch's own
+    ``mean``, ``M2`` (those update the running statistics, if given). Backward: :func:`batch_backward` with
     ``count = N * prod(S) + extra_count``."""
     extra = torch.cat([extra_mean.reshape(-1), extra_m2.reshape(-1)]).to(torch.float64)
-    out = _batch_forward(x, weight, bias, eps, mode, running_mean, running_var, momentum,
-                         extra=(float(extra_count), extra))
-    return out[:4] + out[6:]
+    return _batch_forward(x, weight, bias, eps, mode, running_mean, running_var, momentum,
+                          extra=(float(extra_count), extra))
 
 
 def _batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
                    limits: Optional[Tuple[float, float]] = None,
-                   extra: Optional[Tuple[float, Tensor]] = None) -> Tuple[Optional[Tensor], ...]:
-    """The one native BatchNorm forward behind the three above: ``(y, mean, M2, rstd, r, d, own mean, own M2)``,
-    ``None`` where not asked for."""
-    n, c, l = _dims(x)
+                   extra: Optional[Tuple[float, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+    """The one native BatchNorm forward behind the three above: ``y`` and one float64 ``(k, C)`` statistics
+    block, rows ``mean, M2, rstd``, then ``r, d`` (``limits``), then the batch's own ``mean, M2`` (``extra``)."""
+    n, c = x.shape[0], x.shape[1]
+    numel = x.numel()
+    l = numel // (n * c)
     y = torch.empty_like(x)
-    stats = _stats(3 + 2 * bool(limits) + 2 * bool(extra), c)
-    mean, m2, rstd = stats[:3]
-    r, d = stats[3:5] if limits else (None, None)
-    own = stats[-2:] if extra else (None, None)
+    stats = torch.empty(3 + 2 * bool(limits) + 2 * bool(extra), c, dtype=torch.float64)
+    p, row = stats.data_ptr(), 8 * c
     g, b = _param(weight, x.dtype, c), _param(bias, x.dtype, c)
     run_type = _running_type(running_mean, running_var)
     r_max, d_max = limits if limits else (0.0, 0.0)
     count, mm = (n * l + extra[0], extra[1]) if extra else (float(n * l), None)
     _fn("batch_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), _ptr(g), _ptr(b), float(eps),
-                                  _MODES[mode], mean.data_ptr(), m2.data_ptr(), rstd.data_ptr(), _ptr(running_mean),
-                                  _ptr(running_var), run_type, float(momentum), _ptr(r), float(r_max), float(d_max),
-                                  float(count), _ptr(mm), _ptr(own[0]), _threads(x.numel()))
-    return (y, mean, m2, rstd, r, d) + own
+                                  _MODES[mode], p, p + row, p + 2 * row, _ptr(running_mean), _ptr(running_var),
+                                  run_type, float(momentum), p + 3 * row if limits else None, float(r_max),
+                                  float(d_max), float(count), _ptr(mm), p + (stats.shape[0] - 2) * row if extra else None,
+                                  _threads(numel))
+    return y, stats
 
 
-def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, mode: str,
+def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tensor, mode: str,
                    dgamma: bool = True, dbeta: bool = True,
                    count: Optional[float] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Backward of :func:`batch_forward`: ``dx``, and where asked for ``(C,)`` ``dgamma``, ``dbeta`` (float32,
-    float64 for float64 input). ``count``: the elements behind the statistics when more than the batch's
-    (:func:`batch_merged_forward`)."""
-    n, c, l = _dims(x)
+    """Backward of :func:`batch_forward` (and its two variants) from the forward's statistics block ``stats``
+    (its rows ``mean`` and ``rstd`` are used): ``dx``, and where asked for ``(C,)`` ``dgamma``, ``dbeta``
+    (float32, float64 for float64 input). ``count``: the elements behind the statistics when more than the
+    batch's (:func:`batch_merged_forward`)."""
+    n, c = x.shape[0], x.shape[1]
+    if stats.dim() != 2 or stats.shape[0] < 3 or stats.shape[1] != c or stats.dtype != torch.float64 \
+            or not stats.is_contiguous():
+        raise ValueError(f"batch_backward: stats must be a batch forward's contiguous float64 (k, {c}) block, "
+                         f"got {stats.dtype} {tuple(stats.shape)}")
     dy = _like(x, dy)
     dx = torch.empty_like(x)
     g = _param(weight, x.dtype, c)
     dg, db = _param_grads(c, x.dtype, dgamma, dbeta)
-    _fn("batch_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, layout(x), _ptr(g),
-                                   mean.data_ptr(), rstd.data_ptr(), _MODES[mode], float(count or 0.0), _ptr(dg),
-                                   _ptr(db), _threads(x.numel()))
+    p, numel = stats.data_ptr(), x.numel()
+    _fn("batch_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel // (n * c), layout(x),
+                                   _ptr(g), p, p + 16 * c, _MODES[mode], float(count or 0.0), _ptr(dg), _ptr(db),
+                                   _threads(numel))
     return dx, dg, db
 
 

@@ -187,7 +187,7 @@ def test_batch_forward_updates_running_statistics_as_lerp(momentum, buffers, mod
     x = torch.randn(6, 5, 7, 3, generator=gen) * 3 + 1
     start_mean, start_var = torch.randn(5, generator=gen).to(buffers), torch.rand(5, generator=gen).to(buffers) + 0.5
     rm, rv = start_mean.clone(), start_var.clone()
-    _, mean, m2, _ = native.batch_forward(x, None, None, 1e-5, mode, rm, rv, momentum)
+    _, (mean, m2, _) = native.batch_forward(x, None, None, 1e-5, mode, rm, rv, momentum)
     want_mean, want_var = start_mean.clone(), start_var.clone()
     update_running_stats(want_mean, want_var, Moments(6 * 7 * 3, mean, m2), momentum)
     torch.testing.assert_close(rm, want_mean, rtol=1e-6, atol=1e-7)

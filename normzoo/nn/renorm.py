@@ -84,27 +84,27 @@ class _BatchRenormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
                 running_var: Tensor, momentum: float, eps: float, r_max: float, d_max: float, out: list) -> Tensor:
-        y, mean, _, rstd, r, d = native.batch_renorm_forward(x, weight, bias, eps, running_mean, running_var,
-                                                             momentum, r_max, d_max)
+        y, stats = native.batch_renorm_forward(x, weight, bias, eps, running_mean, running_var, momentum, r_max,
+                                               d_max)
         acc = accumulation_dtype(x.dtype)
-        r_acc, d_acc = r.to(acc), d.to(acc)
+        r_acc, d_acc = stats[3].to(acc), stats[4].to(acc)
         w_eff = r_acc if weight is None else weight.detach().to(acc) * r_acc
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.weight_dtype = weight.dtype if weight is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(x, w_eff, mean, rstd, r_acc, d_acc)
+        ctx.save_for_backward(x, w_eff, stats, r_acc, d_acc)
         out += [r_acc, d_acc]
         return y
 
     @staticmethod
     @once_differentiable  # r, d and the statistics are constants here: no silent wrong second derivative
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
-        x, w_eff, mean, rstd, r, d = ctx.saved_tensors
+        x, w_eff, stats, r, d = ctx.saved_tensors
         native.wake_workers(x)
         want_w, want_b = ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         # y = (gamma r) x_hat + (beta + gamma d): BatchNorm's backward with weight gamma r, and
         # dgamma = r sum dy x_hat + d sum dy, dbeta = sum dy
-        dx, dw, db = native.batch_backward(dy, x, w_eff, mean, rstd, "standard", want_w, want_w or want_b)
+        dx, dw, db = native.batch_backward(dy, x, w_eff, stats, "standard", want_w, want_w or want_b)
         dweight = (dw * r + db * d).to(ctx.weight_dtype) if want_w else None
         dbias = db.to(ctx.bias_dtype) if want_b else None
         return dx, dweight, dbias, None, None, None, None, None, None, None
