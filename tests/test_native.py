@@ -481,3 +481,25 @@ def test_declared_sets_argtypes_once_per_library_and_needs_the_kernels(monkeypat
     monkeypatch.setattr(native, "_loaded", True)
     with pytest.raises(RuntimeError, match="unavailable"):
         native.declared({"nz_moments_{suf}": []})
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("groups", [1, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_statistics_stay_exact_far_from_zero(channels_last, groups, dtype):
+    """Data at 1e4 with a spread of 1e-2 (and channel offsets): the shifted sums keep the variance exact in
+    both layouts, also where a channels_last sample is one contiguous block (one group)."""
+    gen = torch.Generator().manual_seed(3)
+    x = 1e4 + torch.randn(4, 8, 9, 11, generator=gen, dtype=torch.float64) * 1e-2
+    x = x + torch.arange(8, dtype=torch.float64).view(1, 8, 1, 1) * 1e-2
+    x = x.to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = F.group_norm(x, groups, None, None, eps=1e-12)
+    # two-pass float64 reference (torch's own channels_last GroupNorm uses E[x^2] - E[x]^2 and is off by 1e-3 here)
+    xg = x.double().contiguous().view(4, groups, -1)
+    centred = xg - xg.mean(-1, keepdim=True)
+    ref = (centred / centred.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()).view(x.shape)
+    tol = 1e-3 if dtype == torch.float32 else 1e-9
+    assert float(ref.std()) > 0.5  # the spread survived the input's rounding
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
