@@ -123,6 +123,21 @@ def test_bfloat16_rounding_is_to_nearest_even_and_keeps_nan():
     assert torch.isnan(y[0, 0, 1]) and torch.equal(y[:, :, [0, 2, 3]], x[:, :, [0, 2, 3]])
 
 
+@pytest.mark.parametrize("length", [64, 77])  # whole vector chunks, and chunks with an element-wise tail
+def test_bfloat16_chunk_stores_round_ties_to_even_like_torch(length):
+    """x * (1 + 2^-8) lands exactly halfway between two bfloat16 values for most x: the vector stores must round
+    those ties to even, keep NaN a NaN and infinities infinite, exactly as torch's float -> bfloat16."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, length, generator=gen).to(torch.bfloat16)
+    x[0, 0, 5], x[1, 2, 20], x[0, 1, 33] = float("nan"), float("inf"), float("-inf")
+    a = torch.full((2, 3), 1.0 + 2.0 ** -8, dtype=torch.float64)
+    y = native.affine(x, a, torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64))
+    want = (x.float() * (1.0 + 2.0 ** -8)).to(torch.bfloat16)
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
+    finite = ~torch.isnan(want)
+    assert torch.equal(y[finite].view(torch.int16), want[finite].view(torch.int16))
+
+
 def _bn_in_child(x, want, queue) -> None:
     # only normzoo's kernels and NumPy run here: torch's own OpenMP pool hangs in a forked child
     torch.set_num_threads(2)
