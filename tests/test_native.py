@@ -110,6 +110,28 @@ def test_row_kernels_equal_fallback(rms, rows, fallback, streaming):
             torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [13, 96, 100])  # no whole vector chunk, whole chunks, whole chunks and a tail
+def test_row_kernels_in_storage_types_match_float64(rms, dtype, d, streaming):
+    """The float32/bfloat16 row kernels (vector chunks, bfloat16 with gamma and beta in its chunk order) against
+    float64 math on the same inputs, with distinct gamma and beta per column so any misplaced weight shows."""
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(37, d, generator=gen) * 1.5 + 0.3).to(dtype)
+    w = torch.linspace(0.5, 2.0, d) * torch.where(torch.arange(d) % 2 == 0, 1.0, -1.0)
+    b = torch.linspace(-1.0, 1.0, d)
+    g = torch.randn(37, d, generator=gen).to(dtype)
+    fn = (lambda x, w, b: F.rms_norm(x, d, w, 1e-6)) if rms else (lambda x, w, b: F.layer_norm(x, d, w, b))
+    ours = _fwd_bwd(fn, x, w, b, g)
+    ref = _fwd_bwd(fn, x.double(), w.double(), b.double(), g.double())
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for a, r in zip(ours, ref):
+        if r is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol * max(1.0, float(r.abs().max())))
+
+
 def test_unsupported_layout_falls_back():
     x = torch.randn(4, 6, 5, 5).transpose(2, 3)  # neither contiguous nor channels_last
     assert native.layout(x) is None and not native.supports(x)
