@@ -27,7 +27,7 @@ Saved for backward: ``x`` (or its centred copy) and ``O(N C)`` statistics.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -110,6 +110,17 @@ def _cast(grad: Optional[Tensor], like: Any) -> Optional[Tensor]:
     return grad if grad is None or grad.dtype == dtype else grad.to(dtype)
 
 
+def _fused_backward(ctx: Any, kernel: Callable[..., Tuple]) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The backward of a fused native op that saved ``x``, ``weight`` and its statistics block (and set
+    ``ctx.bias_dtype``): ``kernel(x, weight, stats, dgamma, dbeta)`` gives ``dx`` and the parameter gradients
+    asked for, which come back in the parameters' dtypes."""
+    x, weight, stats = ctx.saved_tensors
+    native.wake_workers(x)
+    _, want_w, want_b, *_ = ctx.needs_input_grad
+    dx, dweight, dbias = kernel(x, weight, stats, want_w and weight is not None, want_b and ctx.bias_dtype is not None)
+    return dx, _cast(dweight, weight), _cast(dbias, ctx.bias_dtype)
+
+
 class _GroupFn(torch.autograd.Function):
     """Statistics local to a sample (InstanceNorm, GroupNorm, channel-first LayerNorm) in the native fused
     kernels, :func:`normzoo.native.group_forward` and ``group_backward``: each block of ``x`` is read once
@@ -129,13 +140,10 @@ class _GroupFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # statistics are saved as constants: a second derivative must fail, not be wrong
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
-        x, weight, stats = ctx.saved_tensors
-        native.wake_workers(x)
-        _, want_w, want_b, *_ = ctx.needs_input_grad
-        dx, dweight, dbias = native.group_backward(dy, x, ctx.groups, weight, stats, ctx.mode,
-                                                   want_w and weight is not None,
-                                                   want_b and ctx.bias_dtype is not None)[:3]
-        return dx, _cast(dweight, weight), _cast(dbias, ctx.bias_dtype), None, None, None, None
+        def kernel(x: Tensor, weight: Optional[Tensor], stats: Tensor, dgamma: bool, dbeta: bool) -> Tuple:
+            return native.group_backward(dy, x, ctx.groups, weight, stats, ctx.mode, dgamma, dbeta)[:3]
+
+        return (*_fused_backward(ctx, kernel), None, None, None, None)
 
 
 class _BatchFn(torch.autograd.Function):
@@ -168,12 +176,10 @@ class _BatchFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # statistics are saved as constants: a second derivative must fail, not be wrong
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
-        x, weight, stats = ctx.saved_tensors
-        native.wake_workers(x)
-        _, want_w, want_b, *_ = ctx.needs_input_grad
-        dx, dweight, dbias = native.batch_backward(dy, x, weight, stats, ctx.mode, want_w and weight is not None,
-                                                   want_b and ctx.bias_dtype is not None, ctx.merged_count)
-        return dx, _cast(dweight, weight), _cast(dbias, ctx.bias_dtype), None, None, None, None, None
+        def kernel(x: Tensor, weight: Optional[Tensor], stats: Tensor, dgamma: bool, dbeta: bool) -> Tuple:
+            return native.batch_backward(dy, x, weight, stats, ctx.mode, dgamma, dbeta, ctx.merged_count)
+
+        return (*_fused_backward(ctx, kernel), None, None, None, None, None)
 
 
 class _ChannelNormFn(torch.autograd.Function):
