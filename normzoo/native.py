@@ -1,7 +1,8 @@
 """Native CPU kernels for the passes over full-size tensors, built on first use.
 
 The kernels (``normzoo/_native/kernels.c.in``, the core, and method-specific ``_native/*.c.in`` files compiled
-with it as one unit) are plain C, vectorized by the compiler and run on a small pthread pool. They need no
+with it as one unit) are C, vectorized by the compiler and, for contiguous rows, written on GCC/Clang vector
+extensions; they run on a small pthread pool. They need no
 PyTorch headers: the system C compiler (``$CC`` or ``cc``/``gcc``) builds them once per machine (about 20 s),
 into a per-user cache (``$NORMZOO_CACHE`` or ``~/.cache/normzoo``) keyed by the source, the compiler and the
 CPU. They are loaded with :mod:`ctypes` and called on tensors' data pointers. This module binds the core; the
