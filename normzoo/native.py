@@ -163,6 +163,7 @@ def library() -> Optional[ctypes.CDLL]:
 
 
 _declared: Dict[str, int] = {}
+_declared_maps: Dict[int, Tuple[Mapping[str, Sequence[Any]], int]] = {}  # id(signatures): (signatures, id(lib))
 
 
 def declared(signatures: Mapping[str, Sequence[Any]]) -> ctypes.CDLL:
@@ -173,12 +174,16 @@ def declared(signatures: Mapping[str, Sequence[Any]]) -> ctypes.CDLL:
     lib = library()
     if lib is None:
         raise RuntimeError(f"the native kernels are unavailable ({_why_not})")
+    done = _declared_maps.get(id(signatures))
+    if done is not None and done[0] is signatures and done[1] == id(lib):  # the hot path: every kernel call
+        return lib
     for name, argtypes in signatures.items():
         for full in sorted({name.format(suf=suf) for suf, *_ in _TYPES.values()}):
             if _declared.get(full) != id(lib):
                 fn = getattr(lib, full)
                 fn.argtypes, fn.restype = list(argtypes), None
                 _declared[full] = id(lib)
+    _declared_maps[id(signatures)] = (signatures, id(lib))
     return lib
 
 
