@@ -10,7 +10,7 @@ with the running statistics updated in place. Callers check :func:`normzoo.nativ
 from __future__ import annotations
 
 import ctypes
-from typing import Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -32,18 +32,49 @@ def _lib() -> ctypes.CDLL:
 
 
 # -- Switchable Normalization's O(N C) mixing algebra (the passes over x are moments/affine/grad_sums) ----
-class SwitchState:
+class _Views:
+    """Named float64 views into the buffers a mixing kernel writes, made on first use: a view costs about a
+    microsecond, and a layer's hot path reads only one or two of them. Subclasses list ``(name, size,
+    shape)`` spans of ``buf`` in order (``_spans(n, c)``); ``a`` and ``b`` are the two ``(N, C)`` halves of ``ab``
+    (``None`` without it)."""
+
+    def __init__(self, buf: Tensor, n: int, c: int, ab: Optional[Tensor] = None) -> None:
+        self.buf, self._n, self._c, self._ab = buf, n, c, ab
+
+    @staticmethod
+    def _spans(n: int, c: int) -> Sequence[Tuple[str, int, Tuple[int, ...]]]:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str) -> Any:  # only for names not set yet
+        if name.startswith("_") or name == "buf":
+            raise AttributeError(name)
+        n, c = self._n, self._c
+        if name in ("a", "b"):
+            view = None if self._ab is None else self._ab.view(2, n, c)[0 if name == "a" else 1]
+        else:
+            offset = 0
+            for field, size, shape in self._spans(n, c):
+                if field == name:
+                    view = self.buf[offset:offset + size].view(shape)
+                    break
+                offset += size
+            else:
+                raise AttributeError(f"{type(self).__name__} has no {name!r}")
+        setattr(self, name, view)
+        return view
+
+
+class SwitchState(_Views):
     """Float64 views of what :func:`switch_coefs` writes. ``buf`` (what the backward needs): per (n, c)
     ``mean``, ``var``, ``rstd``; per sample ``mu_l``, ``var_l``; per channel ``mu_b``, ``m2_b``, ``var_b``; the
     mixing weights ``p`` (means) and ``q`` (variances), order IN, LN, BN. ``ab`` (forward only, may be
     ``None``): the affine map ``a``, ``b`` per (n, c)."""
 
-    def __init__(self, buf: Tensor, n: int, c: int, ab: Optional[Tensor] = None) -> None:
-        self.buf = buf
-        parts = buf.split([n * c] * 3 + [n, n, c, c, c, 3, 3])
-        self.mean, self.var, self.rstd = (v.view(n, c) for v in parts[:3])
-        self.mu_l, self.var_l, self.mu_b, self.m2_b, self.var_b, self.p, self.q = parts[3:]
-        self.a, self.b = ab.view(2, n, c).unbind(0) if ab is not None else (None, None)
+    @staticmethod
+    def _spans(n: int, c: int) -> Sequence[Tuple[str, int, Tuple[int, ...]]]:
+        return [("mean", n * c, (n, c)), ("var", n * c, (n, c)), ("rstd", n * c, (n, c)), ("mu_l", n, (n,)),
+                ("var_l", n, (n,)), ("mu_b", c, (c,)), ("m2_b", c, (c,)), ("var_b", c, (c,)), ("p", 3, (3,)),
+                ("q", 3, (3,))]
 
 
 def switch_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, logits: Tensor, running_mean: Optional[Tensor],
@@ -82,17 +113,15 @@ def switch_grad_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, use_batch:
 
 
 # -- Batch-Instance Normalization's O(N C) blend algebra ------------------------------------------------
-class BinState:
+class BinState(_Views):
     """Float64 views of what :func:`bin_coefs` writes. ``buf`` (what the backward needs): per (n, c)
     ``rstd_i``, ``delta = mu_nc - mu_B``; per channel ``rstd_b``, the clamped gate ``g``, ``mu_b``, ``m2_b``.
     ``ab`` (forward only, may be ``None``): the affine map ``a``, ``b`` per (n, c), around the instance mean."""
 
-    def __init__(self, buf: Tensor, n: int, c: int, ab: Optional[Tensor] = None) -> None:
-        self.buf = buf
-        parts = buf.split([n * c] * 2 + [c] * 4)
-        self.rstd_i, self.delta = (v.view(n, c) for v in parts[:2])
-        self.rstd_b, self.g, self.mu_b, self.m2_b = parts[2:]
-        self.a, self.b = ab.view(2, n, c).unbind(0) if ab is not None else (None, None)
+    @staticmethod
+    def _spans(n: int, c: int) -> Sequence[Tuple[str, int, Tuple[int, ...]]]:
+        return [("rstd_i", n * c, (n, c)), ("delta", n * c, (n, c)), ("rstd_b", c, (c,)), ("g", c, (c,)),
+                ("mu_b", c, (c,)), ("m2_b", c, (c,))]
 
 
 def bin_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, rho: Tensor, running_mean: Optional[Tensor],
