@@ -31,9 +31,9 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
-from normzoo._autograd import once_differentiable
 
 from normzoo import _checks, kernels, native
+from normzoo._autograd import once_differentiable
 from normzoo.running import Running
 from normzoo.stats import Moments, ill_conditioned
 

@@ -18,9 +18,9 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from normzoo._autograd import once_differentiable
 
 from normzoo import native
+from normzoo._autograd import once_differentiable
 
 
 class _RowNormFn(torch.autograd.Function):

@@ -41,9 +41,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
-from normzoo._autograd import once_differentiable
 
 from normzoo import _checks, kernels, native, native_mixtures
+from normzoo._autograd import once_differentiable
 from normzoo.channel_norm import batch_or_running, native_batch_or_running
 from normzoo.nn._base import NormBase
 from normzoo.registry import register

@@ -58,9 +58,9 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from normzoo._autograd import once_differentiable
 
 from normzoo import _checks, kernels, native, native_evonorm
+from normzoo._autograd import once_differentiable
 from normzoo.nn.group import default_groups
 from normzoo.registry import register
 from normzoo.running import count_batch_

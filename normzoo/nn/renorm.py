@@ -44,9 +44,9 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from normzoo._autograd import once_differentiable
 
 from normzoo import _checks, kernels, native
+from normzoo._autograd import once_differentiable
 from normzoo.channel_norm import Policy, channel_norm, fixed_affine
 from normzoo.nn._base import NormBase
 from normzoo.registry import register

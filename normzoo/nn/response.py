@@ -31,9 +31,9 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from normzoo._autograd import once_differentiable
 
 from normzoo import _checks, kernels, native
+from normzoo._autograd import once_differentiable
 from normzoo.registry import register
 
 #: Below this fixed eps, a 1x1 input triggers the warning described in the module doc.

@@ -31,10 +31,10 @@ from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
-from normzoo._autograd import once_differentiable
 
 from normzoo import _checks, kernels
 from normzoo import functional as F
+from normzoo._autograd import once_differentiable
 from normzoo.channel_norm import Policy, _centre, _group_scale, _with_weight
 from normzoo.nn.batch import _BatchNorm
 from normzoo.registry import register
