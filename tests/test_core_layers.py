@@ -289,3 +289,23 @@ def test_momentum_none_is_the_cumulative_average_with_the_fast_counter():
     assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 4
     torch.testing.assert_close(ours.running_mean, ref.running_mean)
     torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+@pytest.mark.parametrize("policy", ["batch", "instance", "group"])
+def test_channel_norm_without_moments_gives_the_same_output_and_running_update(policy):
+    """moments=False (the functional layers' hot path) only skips assembling the returned moments."""
+    from normzoo.channel_norm import Policy, channel_norm
+    from normzoo.running import Running
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5) * 3 + 1
+    pol = Policy(policy, 3) if policy == "group" else Policy(policy)
+    runs = [Running(torch.zeros(6), torch.ones(6), 0.1) for _ in range(2)] if policy != "group" else [None, None]
+    y1, m1 = channel_norm(x, None, None, pol, running=runs[0])
+    y2, m2 = channel_norm(x, None, None, pol, running=runs[1], moments=False)
+    assert m2 is None and m1 is not None
+    torch.testing.assert_close(y1, y2)
+    if runs[0] is not None:
+        torch.testing.assert_close(runs[0].mean, runs[1].mean)
+        torch.testing.assert_close(runs[0].var, runs[1].var)
+        assert not torch.equal(runs[1].mean, torch.zeros(6))  # the update happened
