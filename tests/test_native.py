@@ -477,7 +477,7 @@ def test_frn_nan_input_stays_nan():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("name", ["bn", "in", "gn"])
+@pytest.mark.parametrize("name", ["bn", "in", "gn", "ln2d"])
 def test_nan_input_gives_nan_statistics_not_zero_variance(name, channels_last):
     """A NaN in the data makes its channel's statistics NaN (as torch's), never a variance clamped to 0: for
     BatchNorm the running variance must not quietly decay toward 0."""
@@ -495,8 +495,9 @@ def test_nan_input_gives_nan_statistics_not_zero_variance(name, channels_last):
     else:
         mean, m2 = native.moments(x)
         assert torch.isnan(m2[1, 2]) and torch.isfinite(m2[0]).all() and torch.isfinite(m2[1, 3:]).all()
-        y = F.instance_norm(x) if name == "in" else F.group_norm(x, 4)
-        want = torch.nn.functional.instance_norm(x) if name == "in" else torch.nn.functional.group_norm(x, 4)
+        groups = {"gn": 4, "ln2d": 1}.get(name)
+        y = F.instance_norm(x) if name == "in" else F.group_norm(x, groups)
+        want = torch.nn.functional.instance_norm(x) if name == "in" else torch.nn.functional.group_norm(x, groups)
     assert torch.equal(torch.isnan(y), torch.isnan(want))
 
 
