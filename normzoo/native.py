@@ -363,6 +363,38 @@ def _stats(count: int, *shape: int) -> Tuple[Tensor, ...]:
     return tuple(torch.empty(count, *shape, dtype=torch.float64).unbind(0))
 
 
+class BufferViews:
+    """Named float64 views into the buffer a method's kernel writes for its backward, made on first use: a view
+    costs about a microsecond, and a layer's hot path reads only one or two of them. Subclasses list ``(name, size,
+    shape)`` spans of ``buf`` in order (``_spans(n, c)``); ``a`` and ``b`` are the two ``(N, C)`` halves of ``ab``
+    (``None`` without it)."""
+
+    def __init__(self, buf: Tensor, n: int, c: int, ab: Optional[Tensor] = None) -> None:
+        self.buf, self._n, self._c, self._ab = buf, n, c, ab
+
+    @staticmethod
+    def _spans(n: int, c: int) -> Sequence[Tuple[str, int, Tuple[int, ...]]]:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str) -> Any:  # only for names not set yet
+        if name.startswith("_") or name == "buf":
+            raise AttributeError(name)
+        n, c = self._n, self._c
+        if name in ("a", "b"):
+            view = None if self._ab is None else self._ab.view(2, n, c)[0 if name == "a" else 1]
+        else:
+            offset = 0
+            for field, size, shape in self._spans(n, c):
+                if field == name:
+                    view = self.buf[offset:offset + size].view(shape)
+                    break
+                offset += size
+            else:
+                raise AttributeError(f"{type(self).__name__} has no {name!r}")
+        setattr(self, name, view)
+        return view
+
+
 # -- the fused group passes (statistics local to a sample: IN, GN, channel-first LN) ------------------
 _MODES = {"standard": 0, "mean": 1, "rms": 2}
 
@@ -562,7 +594,7 @@ def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Te
     return dx, dg, db
 
 
-__all__ = ["library", "declared", "status", "set_stream_min", "supports", "layout", "moments", "affine", "grad_sums",
+__all__ = ["library", "declared", "BufferViews", "status", "set_stream_min", "supports", "layout", "moments", "affine", "grad_sums",
            "affine_grad", "rownorm_forward", "rownorm_backward", "group_forward", "group_backward", "batch_forward",
            "batch_renorm_forward", "batch_merged_forward", "batch_backward", "running_update_applies", "wake_workers", "pool_state",
            "PARALLEL_THRESHOLD"]

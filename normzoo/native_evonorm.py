@@ -16,13 +16,13 @@ elementwise pass.
 from __future__ import annotations
 
 import ctypes
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from normzoo import native
-from normzoo.native import _TYPES, _dims, _like, _param, _ptr, _stats, _threads, layout
+from normzoo.native import _TYPES, BufferViews, _dims, _like, _param, _ptr, _stats, _threads, layout
 
 _P, _I64, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {  # {suf}: one function per dtype
@@ -84,16 +84,15 @@ def s0_backward(dy: Tensor, x: Tensor, groups: int, weight: Optional[Tensor], v:
     return dx, dg, db, dv
 
 
-class B0State:
+class B0State(BufferViews):
     """Float64 views of what :func:`b0_forward` keeps for the backward (one buffer, ``2 N C + 3 C`` values):
     per (n, c) the instance mean ``mu_i`` and ``sigma_i = sqrt(var_i + eps)``; per channel the batch mean
     ``mu_b``, M2 ``m2_b`` (zeros for a fixed variance) and ``sigma_b``."""
 
-    def __init__(self, buf: Tensor, n: int, c: int) -> None:
-        self.buf = buf
-        parts = buf.split([n * c, n * c, c, c, c])
-        self.mu_i, self.sigma_i = (t.view(n, c) for t in parts[:2])
-        self.mu_b, self.m2_b, self.sigma_b = parts[2:]
+    @staticmethod
+    def _spans(n: int, c: int) -> Sequence[Tuple[str, int, Tuple[int, ...]]]:
+        return [("mu_i", n * c, (n, c)), ("sigma_i", n * c, (n, c)), ("mu_b", c, (c,)), ("m2_b", c, (c,)),
+                ("sigma_b", c, (c,))]
 
 
 def b0_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], eps: float,

@@ -10,13 +10,13 @@ with the running statistics updated in place. Callers check :func:`normzoo.nativ
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from normzoo import native
-from normzoo.native import _param, _ptr, _running_type
+from normzoo.native import BufferViews, _param, _ptr, _running_type
 
 _P, _I64, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {
@@ -32,39 +32,7 @@ def _lib() -> ctypes.CDLL:
 
 
 # -- Switchable Normalization's O(N C) mixing algebra (the passes over x are moments/affine/grad_sums) ----
-class _Views:
-    """Named float64 views into the buffers a mixing kernel writes, made on first use: a view costs about a
-    microsecond, and a layer's hot path reads only one or two of them. Subclasses list ``(name, size,
-    shape)`` spans of ``buf`` in order (``_spans(n, c)``); ``a`` and ``b`` are the two ``(N, C)`` halves of ``ab``
-    (``None`` without it)."""
-
-    def __init__(self, buf: Tensor, n: int, c: int, ab: Optional[Tensor] = None) -> None:
-        self.buf, self._n, self._c, self._ab = buf, n, c, ab
-
-    @staticmethod
-    def _spans(n: int, c: int) -> Sequence[Tuple[str, int, Tuple[int, ...]]]:
-        raise NotImplementedError
-
-    def __getattr__(self, name: str) -> Any:  # only for names not set yet
-        if name.startswith("_") or name == "buf":
-            raise AttributeError(name)
-        n, c = self._n, self._c
-        if name in ("a", "b"):
-            view = None if self._ab is None else self._ab.view(2, n, c)[0 if name == "a" else 1]
-        else:
-            offset = 0
-            for field, size, shape in self._spans(n, c):
-                if field == name:
-                    view = self.buf[offset:offset + size].view(shape)
-                    break
-                offset += size
-            else:
-                raise AttributeError(f"{type(self).__name__} has no {name!r}")
-        setattr(self, name, view)
-        return view
-
-
-class SwitchState(_Views):
+class SwitchState(BufferViews):
     """Float64 views of what :func:`switch_coefs` writes. ``buf`` (what the backward needs): per (n, c)
     ``mean``, ``var``, ``rstd``; per sample ``mu_l``, ``var_l``; per channel ``mu_b``, ``m2_b``, ``var_b``; the
     mixing weights ``p`` (means) and ``q`` (variances), order IN, LN, BN. ``ab`` (forward only, may be
@@ -113,7 +81,7 @@ def switch_grad_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, use_batch:
 
 
 # -- Batch-Instance Normalization's O(N C) blend algebra ------------------------------------------------
-class BinState(_Views):
+class BinState(BufferViews):
     """Float64 views of what :func:`bin_coefs` writes. ``buf`` (what the backward needs): per (n, c)
     ``rstd_i``, ``delta = mu_nc - mu_B``; per channel ``rstd_b``, the clamped gate ``g``, ``mu_b``, ``m2_b``.
     ``ab`` (forward only, may be ``None``): the affine map ``a``, ``b`` per (n, c), around the instance mean."""

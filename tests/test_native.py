@@ -541,3 +541,23 @@ def test_group_statistics_stay_exact_far_from_zero(channels_last, groups, dtype)
     tol = 1e-3 if dtype == torch.float32 else 1e-9
     assert float(ref.std()) > 0.5  # the spread survived the input's rounding
     torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+
+
+def test_buffer_views_name_spans_of_one_buffer_on_first_use():
+    class Demo(native.BufferViews):
+        @staticmethod
+        def _spans(n, c):
+            return [("rows", n * c, (n, c)), ("cols", c, (c,))]
+
+    buf = torch.arange(2 * 3 + 3, dtype=torch.float64)
+    ab = torch.arange(12, dtype=torch.float64) + 100
+    st = Demo(buf, 2, 3, ab)
+    assert "rows" not in vars(st)  # nothing made before it is read
+    torch.testing.assert_close(st.rows, buf[:6].view(2, 3))
+    torch.testing.assert_close(st.cols, buf[6:9])
+    assert st.rows.data_ptr() == buf.data_ptr() and "rows" in vars(st)  # a view, kept once made
+    torch.testing.assert_close(st.a, ab[:6].view(2, 3))
+    torch.testing.assert_close(st.b, ab[6:].view(2, 3))
+    assert Demo(buf, 2, 3).a is None
+    with pytest.raises(AttributeError, match="no 'nope'"):
+        st.nope
