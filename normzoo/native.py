@@ -2,7 +2,8 @@
 
 The kernels (``normzoo/_native/kernels.c.in``, the core, and method-specific ``_native/*.c.in`` files compiled
 with it as one unit) are C, vectorized by the compiler and, for contiguous rows, written on GCC/Clang vector
-extensions; they run on a small pthread pool. They need no
+extensions; their parallel jobs run on PyTorch's own OpenMP team, or on a small pthread pool (see
+:func:`set_threads`). They need no
 PyTorch headers: the system C compiler (``$CC`` or ``cc``/``gcc``) builds them once per machine (about 20 s),
 into a per-user cache (``$NORMZOO_CACHE`` or ``~/.cache/normzoo``) keyed by the source, the compiler and the
 CPU. They are loaded with :mod:`ctypes` and called on tensors' data pointers. This module binds the core; the
@@ -19,6 +20,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -131,6 +133,8 @@ def _declare(lib: ctypes.CDLL) -> None:
                                                              D, D, P, P, I]
         getattr(lib, f"nz_batch_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, I, D, P, P, I]
         lib.nz_set_stream_min.argtypes = [I64]
+        lib.nz_use_openmp.argtypes = [P]
+        lib.nz_use_openmp.restype = I
         lib.nz_pool_wake.argtypes = []
         lib.nz_pool_wake.restype = None
         lib.nz_pool_sleeping.argtypes = []
@@ -158,6 +162,8 @@ def library() -> Optional[ctypes.CDLL]:
                 except Exception as exc:  # any failure: fall back to PyTorch operations, say why once
                     _why_not = str(exc)
                     print(f"normzoo: native kernels unavailable, using PyTorch operations ({exc})", file=sys.stderr)
+            if _lib is not None:
+                _choose_threads(_lib)
             _loaded = True
     return _lib
 
@@ -200,15 +206,117 @@ def set_stream_min(nbytes: int) -> int:
     return int(lib.nz_set_stream_min(int(nbytes)))
 
 
+# -- threads ------------------------------------------------------------------------------------------
+#: Where the kernels' parallel jobs run: ``"openmp"`` (PyTorch's own OpenMP team) or ``"pool"`` (normzoo's).
+_threads_kind = "pool"
+_threads_detail = "the native kernels are not loaded"
+_OPENMP_RUNTIME = re.compile(r"^lib(gomp|omp|iomp5)\b.*\.(so|dylib)")
+
+
+def _openmp_entry() -> Tuple[Optional[int], str]:
+    """PyTorch's OpenMP runtime's ``GOMP_parallel`` (the GCC entry point, which GNU libgomp, LLVM libomp and
+    Intel libiomp5 all export): ``(address, where it was found)``, or ``(None, why not)``."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None, "PyTorch's parallel backend is not OpenMP"
+    loaded = []
+    try:  # the runtimes loaded into this process (Linux), PyTorch's own first
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and _OPENMP_RUNTIME.match(os.path.basename(parts[5])) and parts[5] not in loaded:
+                loaded.append(parts[5])
+    except OSError:
+        pass
+    torch_dir = str(Path(torch.__file__).parent)
+    loaded.sort(key=lambda path: not path.startswith(torch_dir))
+    for where in loaded + [None]:  # None: the process's global symbols
+        try:
+            entry = ctypes.CDLL(where).GOMP_parallel
+        except (OSError, AttributeError):
+            continue
+        return ctypes.cast(entry, ctypes.c_void_p).value, where or "the process's global symbols"
+    return None, "no OpenMP runtime with GOMP_parallel found in this process"
+
+
+def set_threads(kind: str) -> str:
+    """Run the kernels' parallel jobs on ``"openmp"`` or ``"pool"`` threads; returns the previous kind.
+
+    ``"openmp"`` (the default where PyTorch runs on OpenMP): jobs run on the same OpenMP team as PyTorch's own
+    operators. Two pools on the same cores fight: after each parallel operator OpenMP's workers keep spinning
+    (by default), holding the cores that another pool's workers need, and the other pool's workers spin in
+    turn. On 2 cores with the default wait policy a GroupNorm step (8x256x14x14, forward and backward) took
+    650 us beside PyTorch's spinning team and 350 us on it; a two-conv, two-BatchNorm block took 1.3 ms less
+    per step. ``"pool"``: normzoo's own pthread pool, which starts a job before its workers are awake and
+    wakes them as a layer begins. It is chosen at load where OpenMP's workers sleep at the end of every
+    region (``OMP_WAIT_POLICY=PASSIVE``, as ``normzoo bench`` sets): they then hold no core, and every job
+    on the team would wait for a sleeping worker to wake (that GroupNorm forward after a pause: 93 us on the
+    pool, 126 us on the team, 101 us on one thread). It is also the fallback where OpenMP is unavailable,
+    and in a forked child (OpenMP's team does not survive ``fork``). ``NORMZOO_THREADS=openmp`` or ``pool``
+    overrides the choice at load.
+    Raises ``ValueError`` for another kind, ``RuntimeError`` if the kind is unavailable.
+    """
+    if kind not in ("openmp", "pool"):
+        raise ValueError(f"set_threads: kind must be 'openmp' or 'pool', got {kind!r}")
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"set_threads: the native kernels are unavailable ({_why_not})")
+    entry, where = _openmp_entry() if kind == "openmp" else (None, "normzoo's pthread pool")
+    if kind == "openmp" and entry is None:
+        raise RuntimeError(f"set_threads: OpenMP is unavailable ({where})")
+    old = _threads_kind
+    _use_threads(lib, entry, where)
+    return old
+
+
+def _use_threads(lib: ctypes.CDLL, entry: Optional[int], detail: str) -> None:
+    global _threads_kind, _threads_detail
+    lib.nz_use_openmp(entry)
+    _threads_kind, _threads_detail = ("openmp" if entry else "pool"), detail
+
+
+def _forked_child() -> None:  # the library switches itself to the pool in a forked child (pthread_atfork)
+    global _threads_kind, _threads_detail
+    if _threads_kind == "openmp":
+        _threads_kind, _threads_detail = "pool", "a forked child: OpenMP's team does not survive fork"
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked_child)
+
+
+def threads() -> str:
+    """Where the kernels' parallel jobs run: ``"openmp (<runtime>)"`` or ``"pool (<why>)"``."""
+    library()
+    return f"{_threads_kind} ({_threads_detail})"
+
+
+def _choose_threads(lib: ctypes.CDLL) -> None:
+    """At load: ``NORMZOO_THREADS`` (``openmp`` or ``pool``) if set; else the pool where OpenMP's workers
+    sleep at the end of every region (``OMP_WAIT_POLICY=PASSIVE``), PyTorch's OpenMP team otherwise; the
+    pool where there is no OpenMP (then saying why)."""
+    wanted = os.environ.get("NORMZOO_THREADS", "").strip().lower()
+    if wanted not in ("", "openmp", "pool"):
+        print(f"normzoo: NORMZOO_THREADS must be 'openmp' or 'pool', got {wanted!r}; choosing by itself",
+              file=sys.stderr)
+        wanted = ""
+    if wanted == "pool":
+        _use_threads(lib, None, "NORMZOO_THREADS=pool")
+        return
+    if not wanted and os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive":
+        _use_threads(lib, None, "OMP_WAIT_POLICY=PASSIVE: OpenMP's team sleeps between regions")
+        return
+    _use_threads(lib, *_openmp_entry())
+
+
 def wake_workers(x: Tensor) -> None:
-    """Wake the kernels' sleeping worker threads if ``x`` is large enough to be split over them.
+    """Wake normzoo's pool's sleeping worker threads if ``x`` is large enough to be split over them.
 
     A layer calls this as its Python code begins: a worker asleep since the last kernel takes tens of
     microseconds to wake, which then overlaps the layer's own checks and bookkeeping instead of delaying its
-    kernel. A no-op when no worker sleeps, for small tensors, or without the native kernels (it never builds
-    them).
+    kernel. A no-op on PyTorch's OpenMP team (see :func:`set_threads`), when no worker sleeps, for small
+    tensors, or without the native kernels (it never builds them).
     """
-    if _lib is not None and x.is_cpu and x.numel() >= PARALLEL_THRESHOLD and torch.get_num_threads() > 1:
+    if (_threads_kind == "pool" and _lib is not None and x.is_cpu and x.numel() >= PARALLEL_THRESHOLD
+            and torch.get_num_threads() > 1):
         _lib.nz_pool_wake()
 
 
@@ -596,5 +704,5 @@ def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Te
 
 __all__ = ["library", "declared", "BufferViews", "status", "set_stream_min", "supports", "layout", "moments", "affine", "grad_sums",
            "affine_grad", "rownorm_forward", "rownorm_backward", "group_forward", "group_backward", "batch_forward",
-           "batch_renorm_forward", "batch_merged_forward", "batch_backward", "running_update_applies", "wake_workers", "pool_state",
+           "batch_renorm_forward", "batch_merged_forward", "batch_backward", "running_update_applies", "wake_workers", "pool_state", "set_threads", "threads",
            "PARALLEL_THRESHOLD"]

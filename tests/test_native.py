@@ -24,6 +24,22 @@ def threaded(monkeypatch):
     torch.set_num_threads(threads)
 
 
+def _openmp_available() -> bool:
+    return native.library() is not None and native._openmp_entry()[0] is not None
+
+
+@pytest.fixture(params=["openmp", "pool"])
+def threads_kind(request):
+    """Both places a parallel job can run: PyTorch's OpenMP team and normzoo's own pthread pool."""
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    if request.param == "openmp" and not _openmp_available():
+        pytest.skip(f"PyTorch's OpenMP is not available here: {native.threads()}")
+    old = native.set_threads(request.param)
+    yield request.param
+    native.set_threads(old)
+
+
 @pytest.fixture(params=[False, True], ids=["cached", "streaming"])
 def streaming(request):
     """Both store paths: ordinary stores, and non-temporal stores (normally for outputs of 8 MiB or more)
@@ -168,8 +184,9 @@ def _bn_in_child(x, want, queue) -> None:
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
-def test_worker_pool_survives_fork():
-    """The kernels' worker threads do not exist in a forked child: it must start its own, not hang."""
+def test_worker_pool_survives_fork(threads_kind):
+    """The kernels' worker threads (the pool's, or OpenMP's team, which hangs after fork) do not exist in a
+    forked child: it must start its own pool, not hang."""
     import multiprocessing as mp
 
     x = torch.randn(64, 16, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -255,9 +272,10 @@ def test_running_statistics_the_kernel_cannot_take_update_in_python():
 
 
 @pytest.mark.parametrize("layer", ["rows", "bn", "gn"])
-def test_threaded_results_are_the_same_every_run(layer):
+def test_threaded_results_are_the_same_every_run(layer, threads_kind):
     """The threads take chunks of the work dynamically, but each chunk's partial sums have fixed bounds and
-    are combined in a fixed order: repeated runs give bit-identical results."""
+    are combined in a fixed order: repeated runs give bit-identical results, the same on OpenMP's team as on
+    the pool."""
     gen = torch.Generator().manual_seed(6)
     if layer == "rows":
         x, w = torch.randn(4099, 72, generator=gen), torch.randn(72, generator=gen)
@@ -268,17 +286,54 @@ def test_threaded_results_are_the_same_every_run(layer):
             lambda x, w, b: F.group_norm(x, 3, w, b))
     g = torch.randn(x.shape, generator=gen)
     first = _fwd_bwd(fn, x, w, w, g)
-    for _ in range(5):
-        for a, b in zip(_fwd_bwd(fn, x, w, w, g), first):
-            assert (a is None and b is None) or torch.equal(a, b)
+    for kind in (threads_kind, "pool", threads_kind):
+        native.set_threads(kind)
+        for _ in range(3):
+            for a, b in zip(_fwd_bwd(fn, x, w, w, g), first):
+                assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_set_threads_refuses_an_unknown_kind():
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    with pytest.raises(ValueError, match="'openmp' or 'pool', got 'tbb'"):
+        native.set_threads("tbb")
+
+
+@pytest.mark.parametrize("env, want", [
+    ({}, "openmp ("),  # PyTorch's team: two pools on the same cores fight
+    ({"OMP_WAIT_POLICY": "passive"}, "pool (OMP_WAIT_POLICY=PASSIVE"),  # the team sleeps between regions
+    ({"NORMZOO_THREADS": "pool"}, "pool (NORMZOO_THREADS=pool)"),
+    ({"OMP_WAIT_POLICY": "PASSIVE", "NORMZOO_THREADS": "openmp"}, "openmp ("),
+])
+def test_where_jobs_run_is_chosen_at_load(env, want):
+    import os
+    import subprocess
+    import sys
+
+    if not _openmp_available():
+        pytest.skip(f"PyTorch's OpenMP is not available here: {native.threads()}")
+    code = "from normzoo import native; print(native.threads())"
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "NORMZOO_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip().startswith(want), out.stdout + out.stderr
 
 
 def test_wake_workers_wakes_the_sleeping_pool():
     """A layer wakes the pool as its Python code begins: a sleeping worker comes out of its wait."""
-    import time
-
     if native.library() is None:
         pytest.skip(f"native kernels unavailable: {native.status()}")
+    old = native.set_threads("pool")
+    try:
+        _wake_workers_wakes_the_sleeping_pool()
+    finally:
+        native.set_threads(old)
+
+
+def _wake_workers_wakes_the_sleeping_pool():
+    import time
+
     x = torch.randn(4, 8, 64, 64, generator=torch.Generator().manual_seed(11))
     F.group_norm(x, 4)  # the pool exists
     deadline = time.monotonic() + 10
