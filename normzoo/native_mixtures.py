@@ -1,11 +1,13 @@
-"""Native O(N*C) algebra of the mixture norms (``normzoo/_native/mixtures.c.in``), called through ctypes.
+"""The mixture norms on the native kernels (``normzoo/_native/mixtures.c.in``), one ctypes call each way.
 
 Switchable Normalization mixes IN, LN and BN statistics with softmax weights; Batch-Instance Normalization
-blends BN and IN with a clamped gate. Both start from the per-(n, c) moments of the input (the core's
-:func:`normzoo.native.moments`) and end in a per-(n, c) affine map (:func:`normzoo.native.affine`); their
-backward is :func:`normzoo.native.grad_sums`, the algebra here, then :func:`normzoo.native.affine_grad`. This
-module is the O(N*C) part in between: merges, mixing weights, coefficients and their gradients, in float64,
-with the running statistics updated in place. Callers check :func:`normzoo.native.supports` first.
+blends BN and IN with a clamped gate. Both start from the per-(n, c) moments of the input and end in a
+per-(n, c) affine map; their backward takes the two sums of ``dy``, then the ``dx`` map. In between is O(N*C)
+algebra (merges, mixing weights, coefficients and their gradients) in float64, with the running statistics
+updated in place. Each direction is one C call: the passes over ``x`` and the algebra together, the parameters
+read and their gradients written in their own dtypes, because at small sizes the Python glue between separate
+calls (conversions, views, allocations) cost as much as the passes. Callers check
+:func:`normzoo.native.supports` first.
 """
 from __future__ import annotations
 
@@ -16,111 +18,133 @@ import torch
 from torch import Tensor
 
 from normzoo import native
-from normzoo.native import BufferViews, _param, _ptr, _running_type
+from normzoo.native import _RUNNING_TYPES as _TYPE_CODES
+from normzoo.native import _ptr, _running_type
 
 _P, _I64, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {
-    "nz_switch_coefs": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _I, _I, _D, _P, _P, _D, _P, _P],
-    "nz_switch_grad_coefs": [_I64, _I64, _I64, _P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P],
-    "nz_bin_coefs": [_I64, _I64, _I64, _P, _P, _P, _P, _P, _I, _I, _D, _P, _P, _D, _P, _P],
-    "nz_bin_grad_coefs": [_I64, _I64, _I64, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P],
+    "nz_switch_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I, _P, _I, _P, _I, _P, _P, _I, _I, _D, _P, _I, _P, _I, _D, _P,
+                                _P, _I],
+    "nz_switch_backward_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I, _I, _P, _I, _P, _P, _P, _I, _P, _I, _P, _I, _P, _I,
+                                 _I],
+    "nz_bin_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I, _P, _I, _P, _P, _I, _I, _D, _P, _I, _P, _I, _D, _P, _P, _I],
+    "nz_bin_backward_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I, _I, _P, _I, _P, _P, _P, _I, _P, _I, _P, _I, _I],
 }
 
 
-def _lib() -> ctypes.CDLL:
-    return native.declared(_SIGNATURES)
+def _fn(name: str, dtype: torch.dtype):
+    return getattr(native.declared(_SIGNATURES), f"nz_{name}_{native._TYPES[dtype][0]}")
 
 
-# -- Switchable Normalization's O(N C) mixing algebra (the passes over x are moments/affine/grad_sums) ----
-class SwitchState(BufferViews):
-    """Float64 views of what :func:`switch_coefs` writes. ``buf`` (what the backward needs): per (n, c)
-    ``mean``, ``var``, ``rstd``; per sample ``mu_l``, ``var_l``; per channel ``mu_b``, ``m2_b``, ``var_b``; the
-    mixing weights ``p`` (means) and ``q`` (variances), order IN, LN, BN. ``ab`` (forward only, may be
-    ``None``): the affine map ``a``, ``b`` per (n, c)."""
-
-    @staticmethod
-    def _spans(n: int, c: int) -> Sequence[Tuple[str, int, Tuple[int, ...]]]:
-        return [("mean", n * c, (n, c)), ("var", n * c, (n, c)), ("rstd", n * c, (n, c)), ("mu_l", n, (n,)),
-                ("var_l", n, (n,)), ("mu_b", c, (c,)), ("m2_b", c, (c,)), ("var_b", c, (c,)), ("p", 3, (3,)),
-                ("q", 3, (3,))]
+def _typed(t: Optional[Tensor], size: int) -> Tuple[Optional[Tensor], int]:
+    """A parameter as the kernels read it: itself with its type code where it is a contiguous ``(size,)`` tensor
+    of a type they know (float32, float64, bfloat16), else a float64 copy; ``(None, 0)`` for ``None``."""
+    if t is None:
+        return None, 0
+    code = _TYPE_CODES.get(t.dtype)
+    if code is None or t.dim() != 1 or not t.is_contiguous():
+        t, code = t.detach().reshape(size).to(torch.float64).contiguous(), 2
+    return t, code
 
 
-def switch_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, logits: Tensor, running_mean: Optional[Tensor],
-                 running_var: Optional[Tensor], use_batch: bool, momentum: float, weight: Optional[Tensor],
-                 bias: Optional[Tensor], eps: float) -> SwitchState:
-    """Switchable Normalization's statistics and affine map from the per-(n, c) moments (float64 ``(N, C)``,
-    ``count`` positions each): the LN and BN moments merged from them (BN: from the running statistics
-    when not ``use_batch``), mixed with ``softmax`` of ``logits`` (float64 ``(6,)``: mean logits, variance
-    logits). With ``use_batch`` and running buffers (:func:`normzoo.native.running_update_applies`), those are updated in
-    place with the batch's BN statistics."""
-    n, c = rows_mean.shape
-    buf = torch.empty(3 * n * c + 2 * n + 3 * c + 6, dtype=torch.float64)
-    ab = torch.empty(2 * n * c, dtype=torch.float64)
-    run_type = _running_type(running_mean, running_var)
-    g, b = _param(weight, torch.float64, c), _param(bias, torch.float64, c)
-    _lib().nz_switch_coefs(n, c, count, rows_mean.data_ptr(), rows_m2.data_ptr(), logits.data_ptr(),
-                              _ptr(running_mean), _ptr(running_var), run_type, int(use_batch), float(momentum),
-                              _ptr(g), _ptr(b), float(eps), buf.data_ptr(), ab.data_ptr())
-    return SwitchState(buf, n, c, ab)
+def _grad_buffer(dtype: Optional[torch.dtype], size: int, wanted: bool) -> Tuple[Optional[Tensor], int]:
+    """Where a kernel writes a parameter's gradient: a ``(size,)`` tensor of the parameter's ``dtype`` (float64
+    for a dtype the kernels do not write; :func:`_as_param` converts it), with its type code; ``(None, 0)`` for
+    no parameter or an unwanted gradient."""
+    if dtype is None or not wanted:
+        return None, 0
+    code = _TYPE_CODES.get(dtype)
+    return (torch.empty(size, dtype=torch.float64), 2) if code is None else (torch.empty(size, dtype=dtype), code)
 
 
-def switch_grad_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, use_batch: bool, weight: Optional[Tensor],
-                      state: SwitchState, s1: Tensor, t: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                            Tensor]:
-    """The backward algebra of :func:`switch_coefs` from ``s1 = sum_S dy``, ``t = sum_S dy (x - mean)``
-    (float64 ``(N, C)``): ``dgamma``, ``dbeta`` ``(C,)``, ``dlogits`` ``(6,)`` and the ``(N, C)`` coefficients of
-    ``dx = k1 dy + k2 (x - mean) + k3``."""
-    n, c = rows_mean.shape
-    out = torch.empty(2 * c + 6 + 3 * n * c, dtype=torch.float64)
-    dg, db, dl, k1, k2, k3 = out.split([c, c, 6, n * c, n * c, n * c])
-    g = _param(weight, torch.float64, c)
-    _lib().nz_switch_grad_coefs(n, c, count, rows_mean.data_ptr(), rows_m2.data_ptr(), int(use_batch), _ptr(g),
-                                   state.buf.data_ptr(), s1.data_ptr(), t.data_ptr(), dg.data_ptr(), db.data_ptr(),
-                                   dl.data_ptr(), k1.data_ptr(), k2.data_ptr(), k3.data_ptr())
-    return dg, db, dl, k1.view(n, c), k2.view(n, c), k3.view(n, c)
+def _as_param(grad: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    return grad if grad is None or dtype is None or grad.dtype == dtype else grad.to(dtype)
 
 
-# -- Batch-Instance Normalization's O(N C) blend algebra ------------------------------------------------
-class BinState(BufferViews):
-    """Float64 views of what :func:`bin_coefs` writes. ``buf`` (what the backward needs): per (n, c)
-    ``rstd_i``, ``delta = mu_nc - mu_B``; per channel ``rstd_b``, the clamped gate ``g``, ``mu_b``, ``m2_b``.
-    ``ab`` (forward only, may be ``None``): the affine map ``a``, ``b`` per (n, c), around the instance mean."""
-
-    @staticmethod
-    def _spans(n: int, c: int) -> Sequence[Tuple[str, int, Tuple[int, ...]]]:
-        return [("rstd_i", n * c, (n, c)), ("delta", n * c, (n, c)), ("rstd_b", c, (c,)), ("g", c, (c,)),
-                ("mu_b", c, (c,)), ("m2_b", c, (c,))]
+def dtypes(*params: Optional[Tensor]) -> Tuple[Optional[torch.dtype], ...]:
+    """The parameters' dtypes (``None`` for an absent one), which the backward functions take."""
+    return tuple(None if t is None else t.dtype for t in params)
 
 
-def bin_coefs(rows_mean: Tensor, rows_m2: Tensor, count: int, rho: Tensor, running_mean: Optional[Tensor],
-              running_var: Optional[Tensor], use_batch: bool, momentum: float, weight: Optional[Tensor],
-              bias: Optional[Tensor], eps: float) -> BinState:
-    """Batch-Instance Norm's per-(n, c) affine map from the instance moments (float64 ``(N, C)``, ``count``
-    positions each): BN statistics merged from them (or the running ones when not ``use_batch``), the gate
-    ``clamp(rho, 0, 1)``. With ``use_batch`` and running buffers, those are updated in place."""
-    n, c = rows_mean.shape
-    buf = torch.empty(2 * n * c + 4 * c, dtype=torch.float64)
-    ab = torch.empty(2 * n * c, dtype=torch.float64)
-    run_type = _running_type(running_mean, running_var)
-    g, b, r = _param(weight, torch.float64, c), _param(bias, torch.float64, c), _param(rho, torch.float64, c)
-    _lib().nz_bin_coefs(n, c, count, rows_mean.data_ptr(), rows_m2.data_ptr(), r.data_ptr(), _ptr(running_mean),
-                           _ptr(running_var), run_type, int(use_batch), float(momentum), _ptr(g), _ptr(b), float(eps),
-                           buf.data_ptr(), ab.data_ptr())
-    return BinState(buf, n, c, ab)
+def _dims(x: Tensor) -> Tuple[int, int, int, int]:
+    n, c = x.shape[0], x.shape[1]
+    return n, c, x.numel() // (n * c), native.layout(x)
 
 
-def bin_grad_coefs(count: int, use_batch: bool, weight: Optional[Tensor], state: BinState, s1: Tensor,
-                   t: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The backward algebra of :func:`bin_coefs` from ``s1 = sum_S dy``, ``t = sum_S dy (x - mu_nc)``:
-    ``dgamma``, ``dbeta``, ``drho`` ``(C,)`` and the ``(N, C)`` coefficients of ``dx = k1 dy + k2 (x - mu_nc) + k3``."""
-    n, c = s1.shape
-    out = torch.empty(3 * c + 3 * n * c, dtype=torch.float64)
-    dg, db, dr, k1, k2, k3 = out.split([c, c, c, n * c, n * c, n * c])
-    g = _param(weight, torch.float64, c)
-    _lib().nz_bin_grad_coefs(n, c, count, int(use_batch), _ptr(g), state.buf.data_ptr(), s1.data_ptr(),
-                                t.data_ptr(), dg.data_ptr(), db.data_ptr(), dr.data_ptr(), k1.data_ptr(),
-                                k2.data_ptr(), k3.data_ptr())
-    return dg, db, dr, k1.view(n, c), k2.view(n, c), k3.view(n, c)
+# -- Switchable Normalization: moments, mixing algebra, affine map (and back) in one call each way -------
+def switch_forward(x: Tensor, mean_logits: Tensor, var_logits: Tensor, running_mean: Optional[Tensor],
+                   running_var: Optional[Tensor], use_batch: bool, momentum: float, weight: Optional[Tensor],
+                   bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+    """Switchable Normalization of ``x`` ``(N, C, *S)``: the per-(n, c) moments, the LN and BN moments merged
+    from them (BN: from the running statistics when not ``use_batch``), mixed with ``softmax`` of the ``(3,)``
+    logits (order IN, LN, BN), and the affine map. With ``use_batch`` and running buffers
+    (:func:`normzoo.native.running_update_applies`) those are updated in place with the batch's statistics.
+    Returns ``y`` and the float64 block the backward needs (``5 N C + 2 N + 3 C + 6`` values)."""
+    n, c, l, lay = _dims(x)
+    y = torch.empty_like(x)
+    keep = torch.empty(5 * n * c + 2 * n + 3 * c + 6, dtype=torch.float64)
+    tmp = torch.empty(2 * n * c + 2 * c + 6, dtype=torch.float64)
+    (ml, mlt), (vl, vlt) = _typed(mean_logits.detach(), 3), _typed(var_logits.detach(), 3)
+    (g, gt), (b, bt) = _typed(weight, c), _typed(bias, c)
+    _fn("switch_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, lay, ml.data_ptr(), mlt, vl.data_ptr(), vlt,
+                                   _ptr(running_mean), _ptr(running_var), _running_type(running_mean, running_var),
+                                   int(use_batch), float(momentum), _ptr(g), gt, _ptr(b), bt, float(eps),
+                                   keep.data_ptr(), tmp.data_ptr(), native._threads(x.numel()))
+    return y, keep
 
 
-__all__ = ["SwitchState", "switch_coefs", "switch_grad_coefs", "BinState", "bin_coefs", "bin_grad_coefs"]
+def switch_backward(dy: Tensor, x: Tensor, keep: Tensor, use_batch: bool, weight: Optional[Tensor],
+                    param_dtypes: Sequence[Optional[torch.dtype]], wanted: Sequence[bool]) -> Tuple[Optional[Tensor], ...]:
+    """The backward of :func:`switch_forward` from its block ``keep``: the gradients of ``x``, ``weight``,
+    ``bias``, ``mean_logits`` and ``var_logits`` where ``wanted`` (five flags; ``None`` elsewhere), each in
+    its input's dtype (``param_dtypes``: :func:`dtypes` of the last four)."""
+    n, c, l, lay = _dims(x)
+    dy = native._like(x, dy)
+    dx = torch.empty_like(x) if wanted[0] else None
+    tmp = torch.empty(5 * n * c + 3 * c + 6, dtype=torch.float64)
+    g, gt = _typed(weight, c)
+    outs = [_grad_buffer(dt, size, want) for dt, size, want in zip(param_dtypes, (c, c, 3, 3), wanted[1:])]
+    _fn("switch_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, l, lay, int(use_batch), _ptr(g), gt,
+                                    keep.data_ptr(), tmp.data_ptr(), *[v for t, code in outs for v in (_ptr(t), code)],
+                                    native._threads(x.numel()))
+    return (dx, *(_as_param(t, dt) for (t, _), dt in zip(outs, param_dtypes)))
+
+
+# -- Batch-Instance Normalization: moments, blend algebra, affine map (and back) in one call each way -----
+def bin_forward(x: Tensor, rho: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                use_batch: bool, momentum: float, weight: Optional[Tensor], bias: Optional[Tensor],
+                eps: float) -> Tuple[Tensor, Tensor]:
+    """Batch-Instance Normalization of ``x`` ``(N, C, *S)``: the instance moments, BN statistics merged from
+    them (or the running ones when not ``use_batch``), the gate ``clamp(rho, 0, 1)``, one affine map per
+    (n, c). With ``use_batch`` and running buffers, those are updated in place. Returns ``y`` and the float64
+    block the backward needs (``3 N C + 4 C`` values)."""
+    n, c, l, lay = _dims(x)
+    y = torch.empty_like(x)
+    keep = torch.empty(3 * n * c + 4 * c, dtype=torch.float64)
+    tmp = torch.empty(3 * n * c + 3 * c, dtype=torch.float64)
+    (r, rt), (g, gt), (b, bt) = _typed(rho.detach(), c), _typed(weight, c), _typed(bias, c)
+    _fn("bin_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, lay, r.data_ptr(), rt, _ptr(running_mean),
+                                _ptr(running_var), _running_type(running_mean, running_var), int(use_batch),
+                                float(momentum), _ptr(g), gt, _ptr(b), bt, float(eps), keep.data_ptr(), tmp.data_ptr(),
+                                native._threads(x.numel()))
+    return y, keep
+
+
+def bin_backward(dy: Tensor, x: Tensor, keep: Tensor, use_batch: bool, weight: Optional[Tensor],
+                 param_dtypes: Sequence[Optional[torch.dtype]], wanted: Sequence[bool]) -> Tuple[Optional[Tensor], ...]:
+    """The backward of :func:`bin_forward` from its block ``keep``: the gradients of ``x``, ``weight``, ``bias``
+    and ``rho`` (at the clamped gate) where ``wanted`` (four flags), each in its input's dtype
+    (``param_dtypes``: :func:`dtypes` of the last three)."""
+    n, c, l, lay = _dims(x)
+    dy = native._like(x, dy)
+    dx = torch.empty_like(x) if wanted[0] else None
+    tmp = torch.empty(5 * n * c + 4 * c, dtype=torch.float64)
+    g, gt = _typed(weight, c)
+    outs = [_grad_buffer(dt, c, want) for dt, want in zip(param_dtypes, wanted[1:])]
+    _fn("bin_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, l, lay, int(use_batch), _ptr(g), gt,
+                                 keep.data_ptr(), tmp.data_ptr(), *[v for t, code in outs for v in (_ptr(t), code)],
+                                 native._threads(x.numel()))
+    return (dx, *(_as_param(t, dt) for (t, _), dt in zip(outs, param_dtypes)))
+
+
+__all__ = ["switch_forward", "switch_backward", "bin_forward", "bin_backward", "dtypes"]

@@ -416,6 +416,39 @@ def test_mixture_norms_native_algebra_equals_fallback(method, training, dtype, c
         torch.testing.assert_close(a.float(), r.float(), rtol=t, atol=t)
 
 
+@pytest.mark.parametrize("method", ["switchable", "batch_instance"])
+@pytest.mark.parametrize("dtype, params", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float64),
+                                           (torch.float64, torch.float32), (torch.float32, None)])
+def test_mixture_norms_take_parameters_of_any_dtype(method, dtype, params, fallback):
+    """The native mixture norms read the parameters in their own dtype (a model moved to bfloat16, float64
+    parameters on float32 data) or without the affine ones, and return each gradient in its parameter's dtype,
+    equal to the PyTorch-operations path's."""
+    gen = torch.Generator().manual_seed(12)
+    x = (torch.randn(4, 5, 6, 3, generator=gen) * 2 - 1).to(dtype)
+    g = torch.randn(x.shape, generator=gen).to(dtype)
+    mixing = [torch.randn(3, generator=gen), torch.randn(3, generator=gen)] if method == "switchable" else [
+        torch.rand(5, generator=gen) * 1.4 - 0.2]
+    affine = [] if params is None else [torch.randn(5, generator=gen), torch.randn(5, generator=gen)]
+
+    def run():
+        leaves = [x.detach().clone().requires_grad_()] + [t.to(params or torch.float32).requires_grad_()
+                                                          for t in mixing + affine]
+        w, b = leaves[-2:] if params is not None else (None, None)
+        if method == "switchable":
+            y = F.switchable_norm(leaves[0], leaves[1], leaves[2], weight=w, bias=b, training=True)
+        else:
+            y = F.batch_instance_norm(leaves[0], leaves[1], weight=w, bias=b, training=True)
+        y.backward(g)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    got, want = run(), fallback(run)
+    for a, r in zip(got, want):
+        assert a.dtype == r.dtype
+        torch.testing.assert_close(a.float(), r.float(), rtol=max(tol, 1e-5), atol=max(tol, 1e-5))
+    assert all(t.dtype == (params or torch.float32) for t in got[2:])
+
+
 @pytest.mark.parametrize("compensate", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cross_iteration_bn_merged_kernel_equals_fallback(compensate, channels_last, fallback):

@@ -108,40 +108,29 @@ class _BatchInstanceNormFn(torch.autograd.Function):
 
 
 class _BatchInstanceNormNativeFn(torch.autograd.Function):
-    """The same layer on the native kernels: the instance moments, the blend algebra in C
-    (:func:`normzoo.native_mixtures.bin_coefs`; the running statistics updated there too), the affine pass; backward
-    the two sums, the algebra in C, the ``dx`` pass. No O(N C) tensor operations in Python."""
+    """The same layer on the native kernels, one call each way (:func:`normzoo.native_mixtures.bin_forward`: the
+    instance moments, the blend algebra with the running statistics updated, the affine pass; backward the two
+    sums, the algebra, the ``dx`` pass). No O(N C) tensor operations in Python."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], rho: Tensor,
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], use_batch: bool, training: bool,
                 momentum: float, eps: float) -> Tensor:
-        rows_mean, _ = moments = native.moments(x)
-        count = x.numel() // (x.shape[0] * x.shape[1])
         read = not use_batch or training  # running statistics: read in eval, updated in training
-        st = native_mixtures.bin_coefs(*moments, count, rho, running_mean if read else None, running_var if read else None,
-                              use_batch, momentum, weight, bias, eps)
-        y = native.affine(x, st.a, rows_mean, st.b)
-        ctx.count, ctx.use_batch = count, use_batch
-        ctx.dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None,
-                      rho.dtype)
-        ctx.save_for_backward(x, weight, rows_mean, st.buf)  # st.buf: O(N C), counted as saved
+        y, keep = native_mixtures.bin_forward(x, rho, running_mean if read else None, running_var if read else None,
+                                              use_batch, momentum, weight, bias, eps)
+        ctx.use_batch, ctx.param_dtypes = use_batch, native_mixtures.dtypes(weight, bias, rho)
+        ctx.save_for_backward(x, weight, keep)  # keep: O(N C), counted as saved
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
-        x, weight, rows_mean, buf = ctx.saved_tensors
+        x, weight, keep = ctx.saved_tensors
         native.wake_workers(x)
-        s1, t = native.grad_sums(dy, x, rows_mean)
-        st = native_mixtures.BinState(buf, *rows_mean.shape)
-        dg, db, dr, k1, k2, k3 = native_mixtures.bin_grad_coefs(ctx.count, ctx.use_batch, weight, st, s1, t)
-        dx = native.affine_grad(dy, x, k1, k2, rows_mean, k3) if ctx.needs_input_grad[0] else None
-        wd, bd, rd = ctx.dtypes
-        dweight = dg.to(wd) if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = db.to(bd) if bd is not None and ctx.needs_input_grad[2] else None
-        drho = dr.to(rd) if ctx.needs_input_grad[3] else None
-        return dx, dweight, dbias, drho, None, None, None, None, None, None
+        grads = native_mixtures.bin_backward(dy, x, keep, ctx.use_batch, weight, ctx.param_dtypes,
+                                             ctx.needs_input_grad[:4])
+        return (*grads, None, None, None, None, None, None)
 
 
 def _batch_instance_norm(name: str, input: Tensor, rho: Tensor, running_mean: Optional[Tensor],

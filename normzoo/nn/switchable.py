@@ -121,44 +121,29 @@ class _SwitchNormFn(torch.autograd.Function):
 
 
 class _SwitchNormNativeFn(torch.autograd.Function):
-    """The same layer on the native kernels: the per-(n, c) moments, the mixing algebra in C
-    (:func:`normzoo.native_mixtures.switch_coefs`; the running statistics updated there too), the affine pass; backward
-    the two sums, the algebra in C, the ``dx`` pass. No O(N C) tensor operations in Python."""
+    """The same layer on the native kernels, one call each way (:func:`normzoo.native_mixtures.switch_forward`:
+    the per-(n, c) moments, the mixing algebra with the running statistics updated, the affine pass; backward
+    the two sums, the algebra, the ``dx`` pass). No O(N C) tensor operations in Python."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean_logits: Tensor,
                 var_logits: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], use_batch: bool,
                 training: bool, momentum: float, eps: float) -> Tensor:
-        rows_mean, rows_m2 = native.moments(x)
-        count = x.numel() // (x.shape[0] * x.shape[1])
-        logits = torch.cat([mean_logits.detach(), var_logits.detach()]).to(torch.float64)
         read = not use_batch or training  # running statistics: read in eval, updated in training
-        st = native_mixtures.switch_coefs(rows_mean, rows_m2, count, logits, running_mean if read else None,
-                                 running_var if read else None, use_batch, momentum, weight, bias, eps)
-        y = native.affine(x, st.a, st.mean, st.b)
-        ctx.count, ctx.use_batch = count, use_batch
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        ctx.param_dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None,
-                            mean_logits.dtype, var_logits.dtype)
-        ctx.save_for_backward(x, weight, rows_mean, rows_m2, st.buf)  # st.buf: O(N C), counted as saved
+        y, keep = native_mixtures.switch_forward(x, mean_logits, var_logits, running_mean if read else None,
+                                                 running_var if read else None, use_batch, momentum, weight, bias, eps)
+        ctx.use_batch, ctx.param_dtypes = use_batch, native_mixtures.dtypes(weight, bias, mean_logits, var_logits)
+        ctx.save_for_backward(x, weight, keep)  # keep: O(N C), counted as saved
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
-        x, weight, rows_mean, rows_m2, buf = ctx.saved_tensors
+        x, weight, keep = ctx.saved_tensors
         native.wake_workers(x)
-        st = native_mixtures.SwitchState(buf, *rows_mean.shape)
-        s1, t = native.grad_sums(dy, x, st.mean)
-        dg, db, dl, k1, k2, k3 = native_mixtures.switch_grad_coefs(rows_mean, rows_m2, ctx.count, ctx.use_batch, weight, st,
-                                                          s1, t)
-        dx = native.affine_grad(dy, x, k1, k2, st.mean, k3) if ctx.needs_input_grad[0] else None
-        wd, bd, md, vd = ctx.param_dtypes
-        dweight = dg.to(wd) if ctx.has_weight and ctx.needs_input_grad[1] else None
-        dbias = db.to(bd) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        dmean_logits = dl[:3].to(md) if ctx.needs_input_grad[3] else None
-        dvar_logits = dl[3:].to(vd) if ctx.needs_input_grad[4] else None
-        return dx, dweight, dbias, dmean_logits, dvar_logits, None, None, None, None, None, None
+        grads = native_mixtures.switch_backward(dy, x, keep, ctx.use_batch, weight, ctx.param_dtypes,
+                                                ctx.needs_input_grad[:5])
+        return (*grads, None, None, None, None, None, None)
 
 
 def _check_logits(name: str, what: str, t: object) -> Tensor:
