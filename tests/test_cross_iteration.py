@@ -260,3 +260,46 @@ def test_saved_for_backward_is_the_input_plus_small_statistics():
     h_bytes = 8 * 16 * 12 * 12 * 4
     # the conv saves its input x, the CBN layer its input h, plus O(N C) statistics
     assert saved_bytes(nn.Sequential(conv, m), x) <= x.numel() * 4 + h_bytes + 8 * 16 * 8
+
+
+@pytest.mark.parametrize("compensate", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_native_window_equals_tensor_operations(compensate, dtype, monkeypatch):
+    """The window's merge and record in C (normzoo.native_window) give what the tensor operations give: outputs,
+    gradients, running statistics, the window buffers and last_window, over steps that wrap around the ring;
+    with unequal batch sizes, and for float32, float64 and bfloat16 models."""
+    from normzoo import native, native_window
+
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    gen = torch.Generator().manual_seed(21)
+    xs = [torch.randn(n, 3, 5, 4, generator=gen).to(dtype) * 2 + 1 for n in (6, 4, 6, 5, 6, 3, 6)]
+    gs = [torch.randn(x.shape[0], 4, 5, 4, generator=gen).to(dtype) for x in xs]
+
+    def run():
+        torch.manual_seed(0)
+        conv = nn.Conv2d(3, 4, 3, padding=1).to(dtype)
+        cbn = znn.CrossIterationBatchNorm2d(4, window=3, burn_in=1, compensate=compensate).to(dtype)
+        if compensate:
+            cbn.attach(conv)
+        opt = torch.optim.SGD(list(conv.parameters()) + list(cbn.parameters()), lr=0.05)
+        outs = []
+        for x, g in zip(xs, gs):
+            opt.zero_grad()
+            y = cbn(conv(x))
+            y.backward(g)
+            w = cbn.last_window
+            outs += [y.detach(), cbn.weight.grad.clone(), conv.weight.grad.clone()]
+            outs += [] if w is None else [w.count, w.mean, w.var, w.raw_mean, w.raw_var, w.window_mean, w.window_var]
+            opt.step()
+        return outs + [cbn.running_mean, cbn.running_var, cbn.window_count, cbn.window_mean, cbn.window_var]
+
+    got = run()
+    monkeypatch.setattr(native_window, "merge", lambda *args: None)
+    monkeypatch.setattr(native_window, "record", lambda *args, **kwargs: None)
+    want = run()
+    tol = {torch.float64: TIGHT, torch.float32: TOL, torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}[dtype]
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, **tol)

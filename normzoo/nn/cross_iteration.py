@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from normzoo import _checks
+from normzoo import _checks, native_window
 from normzoo.channel_norm import Policy, channel_norm, fixed_affine
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
@@ -206,7 +206,7 @@ class _CrossIterationBatchNorm(NormBase):
         self.__dict__["_layer"] = None  # the preceding layer: not a submodule (it belongs to the model)
         self._hook: Any = None
         self._captured: Optional[Tuple[Tensor, Tensor]] = None
-        self._window_parts: Any = None  # what last_window is built from (see _keep_window_stats), or the built one
+        self._window_parts: Any = None  # what last_window is built from (see forward), or the built one
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -226,7 +226,15 @@ class _CrossIterationBatchNorm(NormBase):
         parts = self._window_parts
         if parts is None or isinstance(parts, WindowStats):
             return parts
-        cur, count, mean_p, var_p, raw_mean, raw_var, merged = parts
+        step, cur, mean_p, var_p, merged, old = parts
+        k, c = self.window - 1, self.window_mean.shape[1]
+        slot = step % k  # the buffers are as the step left them: that slot held the oldest iteration used
+        count, raw_mean, raw_var = self.window_count.clone(), self.window_mean.clone(), self.window_var.clone()
+        count[slot], raw_mean[slot], raw_var[slot] = old[0], old[1:1 + c], old[1 + c:]
+        if mean_p is self.window_mean and var_p is self.window_var:  # no compensation: the same statistics
+            mean_p, var_p = raw_mean, raw_var
+        order = torch.tensor([(step - 1 - i) % k for i in range(k)])  # newest first
+        count, mean_p, var_p, raw_mean, raw_var = (t[order] for t in (count, mean_p, var_p, raw_mean, raw_var))
         cm = cur.mean.reshape(1, -1).to(mean_p.dtype)
         cv = (cur.m2.reshape(1, -1) / cur.count).to(var_p.dtype)
         stats = WindowStats(
@@ -317,6 +325,7 @@ class _CrossIterationBatchNorm(NormBase):
                 self._buffers[n] = torch.zeros(t.shape, dtype=old.dtype, device=old.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._window_parts = None  # last_window is built from the buffers as the last step left them
         if prefix + "iteration" in state_dict:
             self._step = int(self.iteration)
 
@@ -347,12 +356,21 @@ class _CrossIterationBatchNorm(NormBase):
             shift = dmu + (layer.bias.detach().to(mean.dtype) - self.window_bias)
         return mean + shift, (var + dvar - dmu * dmu).clamp_min(0.0)
 
-    def _record(self, slot: int, cur: Moments, captured: Optional[Tuple[Tensor, Tensor]]) -> None:
+    def _record(self, slot: int, cur: Moments, captured: Optional[Tuple[Tensor, Tensor]],
+                keep_old: bool = False) -> Optional[Tensor]:
+        """Store this iteration's moments in ``slot``; with ``keep_old``, return the slot's count, mean and var
+        before (float64 ``(1 + 2 C,)``)."""
         with torch.no_grad():
             mean = cur.mean.reshape(-1)
-            self.window_count[slot] = float(cur.count)
-            self.window_mean[slot] = mean
-            self.window_var[slot] = cur.m2.reshape(-1) / cur.count
+            old = native_window.record(slot, self.window_count, self.window_mean, self.window_var, float(cur.count),
+                                       mean, cur.m2.reshape(-1), keep_old)
+            if old is None:
+                if keep_old:
+                    old = torch.cat([self.window_count[slot:slot + 1], self.window_mean[slot],
+                                     self.window_var[slot]]).to(torch.float64)
+                self.window_count[slot] = float(cur.count)
+                self.window_mean[slot] = mean
+                self.window_var[slot] = cur.m2.reshape(-1) / cur.count
             if captured is not None:
                 layer = self.layer
                 dmean, dvar = batch_moment_grads(layer, captured[0], captured[1], mean)
@@ -362,6 +380,7 @@ class _CrossIterationBatchNorm(NormBase):
                 self.window_wmean[slot] = pw
                 self.window_wvar[slot] = gw
                 self.window_bias[slot] = layer.bias.detach() if layer.bias is not None else 0.0
+        return old if keep_old else None
 
     def forward(self, input: Tensor) -> Tensor:
         x = self._check_input(input)
@@ -381,30 +400,25 @@ class _CrossIterationBatchNorm(NormBase):
         if use_window:  # the past iterations as constant moments, merged into the batch's in channel_norm
             with torch.no_grad():
                 mean_p, var_p = self._past()
-                counts = self.window_count.unsqueeze(1)
-                past = Moments(counts, mean_p, var_p * counts).reduce(0, keepdim=True)
-                extra = Moments(float(self.window_count.sum()), past.mean, past.m2)  # one count for all channels
+                extra = self._window_moments(mean_p, var_p)
         own: list = []
         running = Running(self.running_mean, self.running_var, factor) if self.track_running_stats else None
         y, merged = channel_norm(x, self.weight, self.bias, Policy("batch"), self.eps, extra=extra, running=running,
                                  own=own)
         cur = own[0]  # the batch's own moments, (1, C)
-        if use_window:
-            self._keep_window_stats(step, cur, mean_p, var_p, merged)
-        if record:
-            self._record(step % (k - 1), cur, captured)
+        old = self._record(step % (k - 1), cur, captured, keep_old=use_window) if record else None
+        if use_window:  # what last_window is built from, on access: the slot this step overwrote is in old
+            self._window_parts = (step, cur, mean_p, var_p, merged, old)
         return y
 
-    def _keep_window_stats(self, step: int, cur: Moments, mean_p: Tensor, var_p: Tensor, merged: Moments) -> None:
-        """Keep what :attr:`last_window` is built from: the past slots newest first, copied now (the buffers
-        change when this step is recorded), the rest as computed; the cats wait for an access."""
-        order = torch.tensor([(step - 1 - i) % (self.window - 1) for i in range(self.window - 1)])  # newest first
-        raw_mean, raw_var = self.window_mean[order], self.window_var[order]
-        if mean_p is self.window_mean and var_p is self.window_var:  # no compensation: the same statistics
-            mean_o, var_o = raw_mean, raw_var
-        else:
-            mean_o, var_o = mean_p[order], var_p[order]
-        self._window_parts = (cur, self.window_count[order], mean_o, var_o, raw_mean, raw_var, merged)
+    def _window_moments(self, mean_p: Tensor, var_p: Tensor) -> Moments:
+        """The window's slots merged per channel: constant moments of shape ``(1, C)``, one count for all."""
+        merged = native_window.merge(self.window_count, mean_p, var_p)
+        if merged is not None:
+            return Moments(*merged)
+        counts = self.window_count.unsqueeze(1)
+        past = Moments(counts, mean_p, var_p * counts).reduce(0, keepdim=True)
+        return Moments(float(self.window_count.sum()), past.mean, past.m2)
 
 
 @register("cbn1d", "crossiterationbatchnorm1d")
