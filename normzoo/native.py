@@ -8,7 +8,7 @@ PyTorch headers: the system C compiler (``$CC`` or ``cc``/``gcc``) builds them o
 into a per-user cache (``$NORMZOO_CACHE`` or ``~/.cache/normzoo``) keyed by the source, the compiler and the
 CPU. They are loaded with :mod:`ctypes` and called on tensors' data pointers. This module binds the core; the
 method-specific kernels have their bindings beside it (:mod:`normzoo.native_mixtures`,
-:mod:`normzoo.native_evonorm`, through :func:`declared`).
+:mod:`normzoo.native_evonorm`, :mod:`normzoo.native_window`, through :func:`declared`).
 
 Where they do not apply (no compiler, ``NORMZOO_NATIVE=0``, a GPU tensor, float16, a layout that is
 neither contiguous nor channels_last), :mod:`normzoo.kernels` falls back to stock PyTorch operations
@@ -174,7 +174,8 @@ _declared_maps: Dict[int, Tuple[Mapping[str, Sequence[Any]], int]] = {}  # id(si
 
 def declared(signatures: Mapping[str, Sequence[Any]]) -> ctypes.CDLL:
     """The kernel library with these functions' ``argtypes`` set (``restype`` None), once per loaded library:
-    for the method-specific bindings (:mod:`normzoo.native_mixtures`, :mod:`normzoo.native_evonorm`). A name
+    for the method-specific bindings (:mod:`normzoo.native_mixtures`, :mod:`normzoo.native_evonorm`,
+    :mod:`normzoo.native_window`). A name
     containing ``{suf}`` stands for one function per dtype suffix (``f32``, ``f64``, ``bf16``). Raises
     ``RuntimeError`` without the native kernels (callers check :func:`supports` first)."""
     lib = library()
