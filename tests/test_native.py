@@ -111,12 +111,13 @@ def test_native_equals_fallback(name, dtype, channels_last, shape, fallback, str
 
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("rows", [5, 4096])  # threads split the rows, with per-chunk column sums
-def test_row_kernels_equal_fallback(rms, rows, fallback, streaming):
+@pytest.mark.parametrize("d", [96, 5])  # 5: rows shorter than a chunk, taken a block of rows at a time
+def test_row_kernels_equal_fallback(rms, rows, d, fallback, streaming):
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(rows, 96, generator=gen, dtype=torch.float64) + 0.7
-    w, b = torch.randn(96, generator=gen, dtype=torch.float64), torch.randn(96, generator=gen, dtype=torch.float64)
-    g = torch.randn(rows, 96, generator=gen, dtype=torch.float64)
-    fn = (lambda x, w, b: F.rms_norm(x, 96, w, 1e-6)) if rms else (lambda x, w, b: F.layer_norm(x, 96, w, b))
+    x = torch.randn(rows, d, generator=gen, dtype=torch.float64) + 0.7
+    w, b = torch.randn(d, generator=gen, dtype=torch.float64), torch.randn(d, generator=gen, dtype=torch.float64)
+    g = torch.randn(rows, d, generator=gen, dtype=torch.float64)
+    fn = (lambda x, w, b: F.rms_norm(x, d, w, 1e-6)) if rms else (lambda x, w, b: F.layer_norm(x, d, w, b))
     ours = _fwd_bwd(fn, x, w, b, g)
     ref = fallback(_fwd_bwd, fn, x, w, b, g)
     for a, r in zip(ours, ref):
@@ -128,15 +129,17 @@ def test_row_kernels_equal_fallback(rms, rows, fallback, streaming):
 
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("d", [13, 96, 100])  # no whole vector chunk, whole chunks, whole chunks and a tail
+@pytest.mark.parametrize("d", [3, 13, 96, 100])  # no whole vector chunk (blocks of rows), whole chunks, and a tail
 def test_row_kernels_in_storage_types_match_float64(rms, dtype, d, streaming):
-    """The float32/bfloat16 row kernels (vector chunks, bfloat16 with gamma and beta in its chunk order) against
-    float64 math on the same inputs, with distinct gamma and beta per column so any misplaced weight shows."""
+    """The float32/bfloat16 row kernels (vector chunks, bfloat16 with gamma and beta in its chunk order; short
+    rows a block at a time) against float64 math on the same inputs, with distinct gamma and beta per column so
+    any misplaced weight shows."""
     gen = torch.Generator().manual_seed(4)
-    x = (torch.randn(37, d, generator=gen) * 1.5 + 0.3).to(dtype)
+    rows = 37 if d > 3 else 1000  # several blocks of short rows, split over threads
+    x = (torch.randn(rows, d, generator=gen) * 1.5 + 0.3).to(dtype)
     w = torch.linspace(0.5, 2.0, d) * torch.where(torch.arange(d) % 2 == 0, 1.0, -1.0)
     b = torch.linspace(-1.0, 1.0, d)
-    g = torch.randn(37, d, generator=gen).to(dtype)
+    g = torch.randn(rows, d, generator=gen).to(dtype)
     fn = (lambda x, w, b: F.rms_norm(x, d, w, 1e-6)) if rms else (lambda x, w, b: F.layer_norm(x, d, w, b))
     ours = _fwd_bwd(fn, x, w, b, g)
     ref = _fwd_bwd(fn, x.double(), w.double(), b.double(), g.double())
