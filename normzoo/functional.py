@@ -173,11 +173,14 @@ def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] =
              eps: Optional[float] = None) -> Tensor:
     """Root Mean Square Layer Normalization (Zhang & Sennrich 2019), as ``torch.nn.functional.rms_norm``.
 
-    ``y = x / sqrt(mean(x^2) + eps) * weight`` over the last dims. ``eps=None`` means
-    ``torch.finfo(input.dtype).eps``, as torch does.
+    ``y = x / sqrt(mean(x^2) + eps) * weight`` over the last dims. ``eps=None`` means what torch's kernels use:
+    the machine epsilon of the type the statistics are computed in, ``torch.finfo(input.dtype).eps`` for
+    float32 and float64 and float32's for bfloat16 and float16 (torch's documentation names the input's dtype
+    for all; with bfloat16's, 2^-7, rows whose mean square is small would come out far from torch's).
     """
     if eps is None:
-        eps = torch.finfo(input.dtype).eps if isinstance(input, Tensor) and input.is_floating_point() else 1e-6
+        eps = (torch.finfo(torch.promote_types(input.dtype, torch.float32)).eps
+               if isinstance(input, Tensor) and input.is_floating_point() else 1e-6)
     return _last_dims_norm("rms_norm", input, normalized_shape, weight, None, eps, "rms")
 
 

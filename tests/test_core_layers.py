@@ -309,3 +309,17 @@ def test_channel_norm_without_moments_gives_the_same_output_and_running_update(p
         torch.testing.assert_close(runs[0].mean, runs[1].mean)
         torch.testing.assert_close(runs[0].var, runs[1].var)
         assert not torch.equal(runs[1].mean, torch.zeros(6))  # the update happened
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_rms_norm_default_eps_is_torchs_for_every_dtype(dtype):
+    """``eps=None``: torch uses the epsilon of the type it computes the statistics in (float32's for bfloat16 and
+    float16 input, not the input dtype's that its documentation names). Rows with a small mean square show it:
+    bfloat16's epsilon (2^-7) would shrink them by an order of magnitude."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 3, generator=gen) * torch.logspace(-3, 0, 64).unsqueeze(1)
+    x = x.to(dtype).requires_grad_()
+    ours, theirs = znn.RMSNorm(3).to(dtype), torch.nn.RMSNorm(3).to(dtype)
+    y, want = ours(x), theirs(x)
+    tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(y.float(), want.float(), rtol=tol, atol=tol)

@@ -192,7 +192,8 @@ class RMSNorm(nn.Module):
     """Root Mean Square Layer Normalization (Zhang & Sennrich 2019), ``torch.nn.RMSNorm``'s signature.
 
     ``y = x / sqrt(mean(x^2) + eps) * weight`` over the trailing ``normalized_shape`` dims; no centring and
-    no bias. ``eps=None`` uses ``torch.finfo(x.dtype).eps`` (torch's default).
+    no bias. ``eps=None`` uses torch's default: ``torch.finfo(x.dtype).eps``, float32's for bfloat16 and float16
+    input (see :func:`normzoo.functional.rms_norm`).
     """
 
     def __init__(self, normalized_shape: _Shape, eps: Optional[float] = None, elementwise_affine: bool = True,

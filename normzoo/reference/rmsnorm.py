@@ -6,8 +6,9 @@ Like layer norm without centering and without a shift: over the trailing axes ma
     rms   = sqrt((1/D) sum_j x_j^2 + eps)
     out_j = gamma_j * x_j / rms
 
-``rms_param``: ``"eps"``; when absent or ``None`` it is the machine epsilon of ``x``'s dtype, as
-in torch's ``rms_norm(eps=None)``. The signature drops ``beta`` because the method has none.
+``rms_param``: ``"eps"``; when absent or ``None`` it is the machine epsilon of the type the statistics
+are computed in, as in torch's ``rms_norm(eps=None)``: ``x``'s dtype, float32 for float16 input. The signature
+drops ``beta`` because the method has none.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def rmsnorm_forward(x: np.ndarray, gamma: np.ndarray,
     gamma = as_float_array(gamma, "gamma", fn)
     axes = trailing_param(gamma, "gamma", x, fn)
     if rms_param.get("eps") is None:
-        eps = float(np.finfo(x.dtype).eps)
+        eps = float(np.finfo(np.promote_types(x.dtype, np.float32)).eps)
     else:
         eps = get_positive(rms_param, "eps", 0.0, "rms_param", fn)
     inv_rms = 1.0 / np.sqrt(np.mean(x * x, axis=axes, keepdims=True) + eps)
