@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from normzoo import _checks, kernels, native
-from normzoo._autograd import once_differentiable
+from normzoo._autograd import lean_apply, once_differentiable
 from normzoo.running import Running
 from normzoo.stats import Moments, ill_conditioned
 
@@ -246,6 +246,9 @@ class _ChannelNormFn(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None, None, None, None
 
 
+_group_apply, _batch_apply = lean_apply(_GroupFn), lean_apply(_BatchFn)
+
+
 def channel_norm(
     x: Tensor,
     weight: Optional[Tensor],
@@ -285,7 +288,7 @@ def channel_norm(
     scalar_extra = extra is None or not isinstance(extra.count, Tensor) or extra.count.numel() == 1
     wanted = moments or running is not None or own is not None
     if prepared is None and policy.over == "batch" and mode != "rms" and scalar_extra and native.supports(x):
-        y = _BatchFn.apply(x, weight, bias, eps, mode, extra, running, out)
+        y = _batch_apply(x, weight, bias, eps, mode, extra, running, out)
         stats, running_done = out
         if not (moments or own is not None or (running is not None and not running_done)):
             return y, None
@@ -294,8 +297,7 @@ def channel_norm(
         own_mean, own_m2 = (mean, m2) if extra is None else (stats[3], stats[4])
     elif prepared is None and extra is None and policy.over != "batch" and x.dim() > 2 and native.supports(x):
         # statistics local to a sample: one fused pass reads each block once
-        y = _GroupFn.apply(x, weight, bias, x.shape[1] if policy.over == "instance" else policy.groups, eps, mode,
-                           out)
+        y = _group_apply(x, weight, bias, x.shape[1] if policy.over == "instance" else policy.groups, eps, mode, out)
         if not wanted:
             return y, None
         mean = own_mean = out[0][0]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from normzoo import native
-from normzoo._autograd import once_differentiable
+from normzoo._autograd import lean_apply, once_differentiable
 
 
 class _RowNormFn(torch.autograd.Function):
@@ -51,6 +51,9 @@ class _RowNormFn(torch.autograd.Function):
         return (dx if ctx.needs_input_grad[0] else None), dw, db, None, None, None
 
 
+_row_apply = lean_apply(_RowNormFn)
+
+
 def applies(x: Tensor, d: int) -> bool:
     """Whether the fused native row kernels can take ``x`` as rows of ``d`` values (contiguous, d > 0)."""
     return d > 0 and x.numel() > 0 and x.is_contiguous() and native.supports(x)
@@ -60,7 +63,7 @@ def row_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], d: int
     """``x`` (contiguous, its trailing dims holding ``d`` values per row) normalized over each row with a
     per-column affine (``weight``/``bias`` of ``d`` values, any shape); the result has ``x``'s shape."""
     native.wake_workers(x)
-    return _RowNormFn.apply(x, weight, bias, d, eps, rms)
+    return _row_apply(x, weight, bias, d, eps, rms)
 
 
 __all__ = ["row_norm", "applies"]

@@ -80,3 +80,44 @@ def test_second_derivative_is_refused_but_first_order_under_create_graph_is_righ
     torch.testing.assert_close(g, g_plain)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         g.sum().backward()
+
+
+def test_lean_apply_is_apply_outside_transforms_and_defers_to_it_under_them():
+    """``lean_apply`` calls torch's C++ entry point directly: the same outputs, graph node and gradients as
+    ``Function.apply``; under a ``torch.func`` transform it is the public ``apply`` (same error or result), and
+    a Function with ``setup_context`` keeps the public ``apply``."""
+    from normzoo._autograd import lean_apply
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, k):
+            ctx.k = k
+            return x * k
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * ctx.k, None
+
+    class WithSetup(Scale):
+        @staticmethod
+        def forward(x, k):
+            return x * k
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.k = inputs[1]
+
+    lean = lean_apply(Scale)
+    x = torch.randn(5, requires_grad=True)
+    y, want = lean(x, 3.0), Scale.apply(x, 3.0)
+    assert type(y.grad_fn) is type(want.grad_fn)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], torch.full((5,), 3.0))
+    assert lean_apply(WithSetup) == WithSetup.apply
+    errors = []
+    for fn in (lean, Scale.apply):
+        try:
+            torch.func.vmap(lambda t: fn(t, 2.0))(torch.randn(3, 4))
+        except RuntimeError as exc:
+            errors.append(str(exc))
+    assert len(errors) == 2 and errors[0] == errors[1] and "setup_context" in errors[0]

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from normzoo import _checks, kernels, native, native_mixtures
-from normzoo._autograd import once_differentiable
+from normzoo._autograd import lean_apply, once_differentiable
 from normzoo.channel_norm import batch_or_running, native_batch_or_running
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
@@ -133,6 +133,9 @@ class _BatchInstanceNormNativeFn(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
+_bin_apply = lean_apply(_BatchInstanceNormNativeFn)
+
+
 def _batch_instance_norm(name: str, input: Tensor, rho: Tensor, running_mean: Optional[Tensor],
                          running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                          training: bool, momentum: float, eps: float) -> Tensor:
@@ -146,8 +149,8 @@ def _batch_instance_norm(name: str, input: Tensor, rho: Tensor, running_mean: Op
                                  running_var=running_var)
     use_batch = native_batch_or_running(name, input, running_mean, running_var, training)
     if use_batch is not None:
-        return _BatchInstanceNormNativeFn.apply(input, weight, bias, rho, running_mean, running_var, use_batch,
-                                                training, momentum, eps)
+        return _bin_apply(input, weight, bias, rho, running_mean, running_var, use_batch,
+                          training, momentum, eps)
     st = batch_or_running(name, input, running_mean, running_var, training)
     y = _BatchInstanceNormFn.apply(input, weight, bias, rho, st.prepared, st.mean, st.var, st.count, eps)
     batch = st.batch

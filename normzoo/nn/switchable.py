@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from normzoo import _checks, kernels, native, native_mixtures
-from normzoo._autograd import once_differentiable
+from normzoo._autograd import lean_apply, once_differentiable
 from normzoo.channel_norm import batch_or_running, native_batch_or_running
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
@@ -146,6 +146,9 @@ class _SwitchNormNativeFn(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
+_switch_apply = lean_apply(_SwitchNormNativeFn)
+
+
 def _check_logits(name: str, what: str, t: object) -> Tensor:
     if not isinstance(t, Tensor) or t.shape != (3,):
         got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
@@ -165,8 +168,8 @@ def _switchable_norm(name: str, input: Tensor, mean_logits: Tensor, var_logits: 
                                  running_var=running_var)
     use_batch = native_batch_or_running(name, input, running_mean, running_var, training)
     if use_batch is not None:
-        return _SwitchNormNativeFn.apply(input, weight, bias, mean_logits, var_logits, running_mean, running_var,
-                                         use_batch, training, momentum, eps)
+        return _switch_apply(input, weight, bias, mean_logits, var_logits, running_mean, running_var,
+                             use_batch, training, momentum, eps)
     st = batch_or_running(name, input, running_mean, running_var, training)
     y = _SwitchNormFn.apply(input, weight, bias, mean_logits, var_logits, st.prepared, st.mean, st.var, st.count,
                             eps)
