@@ -163,7 +163,10 @@ def library() -> Optional[ctypes.CDLL]:
                     _why_not = str(exc)
                     print(f"normzoo: native kernels unavailable, using PyTorch operations ({exc})", file=sys.stderr)
             if _lib is not None:
-                _choose_threads(_lib)
+                try:
+                    _choose_threads(_lib)
+                except Exception as exc:  # finding OpenMP failed: the pool always works
+                    _use_threads(_lib, None, f"looking for PyTorch's OpenMP failed: {exc}")
             _loaded = True
     return _lib
 
