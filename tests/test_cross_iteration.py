@@ -303,3 +303,19 @@ def test_native_window_equals_tensor_operations(compensate, dtype, monkeypatch):
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and a.shape == b.shape
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_last_window_survives_a_dtype_change_before_it_is_read():
+    """last_window is built on first access from the buffers and the slot the step overwrote: converting the
+    layer in between changes nothing but the dtype."""
+    gen = torch.Generator().manual_seed(5)
+    cbn = znn.CrossIterationBatchNorm2d(3, window=3, burn_in=0, compensate=False)
+    twin = copy.deepcopy(cbn)
+    for _ in range(4):
+        x = torch.randn(4, 3, 5, 5, generator=gen)
+        cbn(x), twin(x)
+    want = twin.last_window
+    cbn.double()
+    got = cbn.last_window
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-6, atol=1e-7)

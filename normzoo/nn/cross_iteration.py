@@ -226,13 +226,12 @@ class _CrossIterationBatchNorm(NormBase):
         parts = self._window_parts
         if parts is None or isinstance(parts, WindowStats):
             return parts
-        step, cur, mean_p, var_p, merged, old = parts
+        step, cur, compensated, merged, old = parts
         k, c = self.window - 1, self.window_mean.shape[1]
         slot = step % k  # the buffers are as the step left them: that slot held the oldest iteration used
         count, raw_mean, raw_var = self.window_count.clone(), self.window_mean.clone(), self.window_var.clone()
         count[slot], raw_mean[slot], raw_var[slot] = old[0], old[1:1 + c], old[1 + c:]
-        if mean_p is self.window_mean and var_p is self.window_var:  # no compensation: the same statistics
-            mean_p, var_p = raw_mean, raw_var
+        mean_p, var_p = compensated if compensated is not None else (raw_mean, raw_var)
         order = torch.tensor([(step - 1 - i) % k for i in range(k)])  # newest first
         count, mean_p, var_p, raw_mean, raw_var = (t[order] for t in (count, mean_p, var_p, raw_mean, raw_var))
         cm = cur.mean.reshape(1, -1).to(mean_p.dtype)
@@ -408,7 +407,8 @@ class _CrossIterationBatchNorm(NormBase):
         cur = own[0]  # the batch's own moments, (1, C)
         old = self._record(step % (k - 1), cur, captured, keep_old=use_window) if record else None
         if use_window:  # what last_window is built from, on access: the slot this step overwrote is in old
-            self._window_parts = (step, cur, mean_p, var_p, merged, old)
+            compensated = mean_p is not self.window_mean  # else mean_p, var_p are the buffers, changed since
+            self._window_parts = (step, cur, (mean_p, var_p) if compensated else None, merged, old)
         return y
 
     def _window_moments(self, mean_p: Tensor, var_p: Tensor) -> Moments:
