@@ -66,9 +66,9 @@ def dtypes(*params: Optional[Tensor]) -> Tuple[Optional[torch.dtype], ...]:
     return tuple(None if t is None else t.dtype for t in params)
 
 
-def _dims(x: Tensor) -> Tuple[int, int, int, int]:
-    n, c = x.shape[0], x.shape[1]
-    return n, c, x.numel() // (n * c), native.layout(x)
+def _dims(x: Tensor) -> Tuple[int, int, int, Optional[int]]:
+    """``N``, ``C``, the positions per (n, c) and the kernels' layout code of ``x``."""
+    return (*native._dims(x), native.layout(x))
 
 
 # -- Switchable Normalization: moments, mixing algebra, affine map (and back) in one call each way -------
