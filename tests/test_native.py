@@ -296,6 +296,39 @@ def test_threaded_results_are_the_same_every_run(layer, threads_kind):
                 assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_switching_threads_while_kernels_run():
+    """set_threads may be called while other threads are inside kernels: each job reads where to run once."""
+    import threading
+
+    if not _openmp_available():
+        pytest.skip(f"PyTorch's OpenMP is not available here: {native.threads()}")
+    gen = torch.Generator().manual_seed(13)
+    xs = [torch.randn(8, 16, 24, 24, generator=gen) + i for i in range(3)]
+    want = [torch.nn.functional.group_norm(x, 4) for x in xs]
+    failures: list = []
+    stop = threading.Event()
+
+    def work(i: int) -> None:
+        while not stop.is_set():
+            got = F.group_norm(xs[i], 4)
+            if not torch.allclose(got, want[i], rtol=1e-4, atol=1e-4):
+                failures.append(i)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    old = native.threads().split()[0]
+    for t in workers:
+        t.start()
+    try:
+        for k in range(60):
+            native.set_threads("pool" if k % 2 else "openmp")
+    finally:
+        stop.set()
+        for t in workers:
+            t.join(timeout=60)
+        native.set_threads(old)
+    assert not any(t.is_alive() for t in workers) and not failures
+
+
 def test_set_threads_refuses_an_unknown_kind():
     if native.library() is None:
         pytest.skip(f"native kernels unavailable: {native.status()}")
