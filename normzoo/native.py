@@ -478,11 +478,10 @@ def _stats(count: int, *shape: int) -> Tuple[Tensor, ...]:
 class BufferViews:
     """Named float64 views into the buffer a method's kernel writes for its backward, made on first use: a view
     costs about a microsecond, and a layer's hot path reads only one or two of them. Subclasses list ``(name, size,
-    shape)`` spans of ``buf`` in order (``_spans(n, c)``); ``a`` and ``b`` are the two ``(N, C)`` halves of ``ab``
-    (``None`` without it)."""
+    shape)`` spans of ``buf`` in order (``_spans(n, c)``)."""
 
-    def __init__(self, buf: Tensor, n: int, c: int, ab: Optional[Tensor] = None) -> None:
-        self.buf, self._n, self._c, self._ab = buf, n, c, ab
+    def __init__(self, buf: Tensor, n: int, c: int) -> None:
+        self.buf, self._n, self._c = buf, n, c
 
     @staticmethod
     def _spans(n: int, c: int) -> Sequence[Tuple[str, int, Tuple[int, ...]]]:
@@ -491,18 +490,14 @@ class BufferViews:
     def __getattr__(self, name: str) -> Any:  # only for names not set yet
         if name.startswith("_") or name == "buf":
             raise AttributeError(name)
-        n, c = self._n, self._c
-        if name in ("a", "b"):
-            view = None if self._ab is None else self._ab.view(2, n, c)[0 if name == "a" else 1]
+        offset = 0
+        for field, size, shape in self._spans(self._n, self._c):
+            if field == name:
+                view = self.buf[offset:offset + size].view(shape)
+                break
+            offset += size
         else:
-            offset = 0
-            for field, size, shape in self._spans(n, c):
-                if field == name:
-                    view = self.buf[offset:offset + size].view(shape)
-                    break
-                offset += size
-            else:
-                raise AttributeError(f"{type(self).__name__} has no {name!r}")
+            raise AttributeError(f"{type(self).__name__} has no {name!r}")
         setattr(self, name, view)
         return view
 
