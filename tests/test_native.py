@@ -681,3 +681,18 @@ def test_buffer_views_name_spans_of_one_buffer_on_first_use():
     assert st.rows.data_ptr() == buf.data_ptr() and "rows" in vars(st)  # a view, kept once made
     with pytest.raises(AttributeError, match="no 'nope'"):
         st.nope
+
+
+@pytest.mark.parametrize("shape", [(1, 512, 8, 16), (2, 256, 8, 8), (4, 96, 16, 8)])
+def test_batch_norm_channels_last_with_many_channels_equals_fallback(shape, fallback, threads_kind):
+    """channels_last BatchNorm cuts the N*L positions into as few pieces as the threads need (many channels:
+    one piece per thread's tasks; few channels: more), merged per channel: every cut gives the fallback's
+    results."""
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(shape, generator=gen) * 3 - 2).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)
+    g = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    ours = _fwd_bwd(LAYERS["bn"], x, w, b, g)
+    ref = fallback(_fwd_bwd, LAYERS["bn"], *(t.double() for t in (x, w, b, g)))
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4 * (1 + float(r.abs().max())))
