@@ -683,6 +683,47 @@ def test_buffer_views_name_spans_of_one_buffer_on_first_use():
         st.nope
 
 
+def _split_layer(kind: str, mode: str):
+    """Group-local layers for the few-blocks test: LayerNorm2d, GroupNorm(2) or InstanceNorm in one of the modes."""
+    from normzoo.channel_norm import Policy, channel_norm
+
+    policy = {"ln2d": Policy("group", 1), "gn": Policy("group", 2), "in": Policy("instance")}[kind]
+    return lambda x, w, b: channel_norm(x, w, b, policy, 1e-5, mode, moments=False)[0]
+
+
+@pytest.mark.parametrize("kind", ["ln2d", "gn", "in"])
+@pytest.mark.parametrize("mode", ["standard", "mean", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+# Split where the blocks would keep the threads under 3/4 busy. One sample on 2 threads (L = 1056 in 8 pieces):
+# LayerNorm2d in both layouts, GroupNorm and InstanceNorm in channels_last. Two channels on 4 threads (L = 2048
+# in 8 pieces): contiguous GroupNorm(2) and InstanceNorm too, blocks of one channel. And an L with no divisor
+# that leaves pieces of 64 positions: not split.
+@pytest.mark.parametrize("shape, threads", [((1, 8, 32, 33), 2), ((1, 2, 32, 64), 4), ((1, 8, 11, 13), 2)])
+def test_few_group_blocks_are_split_over_the_threads(kind, mode, dtype, channels_last, shape, threads, fallback,
+                                                      threads_kind):
+    """With too few (n, g) blocks (contiguous) or samples (channels_last) for the threads, each block is split
+    into pieces of its positions: moments per piece merged per channel and group, then the map; backward the
+    sums per piece. Results as PyTorch's operations give them (in float64), in every mode."""
+    torch.set_num_threads(threads)  # the `threaded` fixture restores the count
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=gen) * 2 + 1.5).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)
+    g = torch.randn(shape, generator=gen).to(dtype)
+    fn = _split_layer(kind, mode)
+    ours = _fwd_bwd(fn, x, w, b, g)
+    ref = fallback(_fwd_bwd, fn, *(t.double() for t in (x, w, b, g)))
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    for i, (a, r) in enumerate(zip(ours, ref)):
+        t = tol if i < 2 else max(tol, 1e-5)  # parameter gradients: sums over the whole batch
+        torch.testing.assert_close(a.double(), r, rtol=t, atol=t * (1 + float(r.abs().max())) if i >= 2 else t)
+    if channels_last:
+        assert ours[0].is_contiguous(memory_format=torch.channels_last)
+        assert ours[1].is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("shape", [(1, 512, 8, 16), (2, 256, 8, 8), (4, 96, 16, 8)])
 def test_batch_norm_channels_last_with_many_channels_equals_fallback(shape, fallback, threads_kind):
     """channels_last BatchNorm cuts the N*L positions into as few pieces as the threads need (many channels:
