@@ -109,10 +109,11 @@ def test_row_derived_figures():
 
 
 def test_saved_allowance_and_units():
-    assert stats_units("image", (8, 16, 3, 3)) == 8 * 16
+    assert stats_units("image", (8, 16, 3, 3)) == 8 * 16 + 16
+    assert stats_units("image", (1, 64, 128, 128)) == 2 * 64  # a batch of one: per-channel statistics count too
     assert stats_units("sequence", (8, 5, 32)) == 8 * 5 + 32
     row = _row()
-    assert row.saved_allowance == row.tensor_bytes + STAT_BYTES_PER_UNIT * 10 * 4
+    assert row.saved_allowance == row.tensor_bytes + STAT_BYTES_PER_UNIT * (10 * 4 + 4)
 
 
 @pytest.mark.parametrize("layer, fmt, kind, need", [

@@ -13,8 +13,8 @@ Derived quantities (all from medians measured in the same interleaved rounds):
 * ``bf16_vs_fp32``: for a bfloat16 row, its forward+backward time / the float32 row's (same element count,
   so this is the per-element ratio; ``<= 1``: bfloat16 is no slower).
 * ``saved_allowance``: one input-sized tensor plus ``STAT_BYTES_PER_UNIT`` bytes per statistics unit, the
-  bound that "input + O(N*C) statistics" is checked against. A unit is an (n, c) pair for image layers and
-  a row (n, l) or a feature d for sequence layers (:func:`stats_units`).
+  bound that "input + O(N*C) statistics" is checked against. A unit is an (n, c) pair or a channel c for image
+  layers, a row (n, l) or a feature d for sequence layers (:func:`stats_units`).
 """
 from __future__ import annotations
 
@@ -25,16 +25,19 @@ from typing import Any, Dict, List, Optional, Sequence
 from normzoo.bench.memory import SavedBytes
 
 # 8 float64 (16 float32) values per statistics unit: the means, scales, mixing terms and partial sums a
-# method may keep per (n, c). A second full-size tensor costs prod(S) values per (n, c), so any spatial size
-# above 16 still tells "statistics" from "another tensor".
+# method may keep per (n, c) or per channel. A second full-size tensor costs prod(S) values per (n, c), and
+# the units are at most 2 per (n, c) (a batch of one), so any spatial size above 32 (float32) still tells
+# "statistics" from "another tensor".
 STAT_BYTES_PER_UNIT = 64
 
 
 def stats_units(kind: str, shape: Sequence[int]) -> int:
-    """How many statistics a layer may keep: ``N*C`` for ``(N, C, *S)`` images, ``N*L + D`` for ``(N, L, D)``."""
+    """How many statistics a layer may keep: ``N*C + C`` for ``(N, C, *S)`` images (per sample and channel,
+    and per channel: a batch of one still has BatchNorm's per-channel statistics beside the instance ones, as
+    Switchable Norm keeps both), ``N*L + D`` for ``(N, L, D)`` (per row, and per feature)."""
     if kind == "sequence":
         return math.prod(shape[:-1]) + shape[-1]
-    return shape[0] * shape[1]
+    return shape[0] * shape[1] + shape[1]
 
 
 @dataclass
