@@ -64,7 +64,7 @@ from normzoo import _checks, native_window
 from normzoo.channel_norm import Policy, channel_norm, fixed_affine
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
-from normzoo.running import Running
+from normzoo.running import Running, count_batch_
 from normzoo.stats import Moments, accumulation_dtype
 
 _Layer = Union[nn.Linear, nn.Conv1d, nn.Conv2d]
@@ -202,7 +202,6 @@ class _CrossIterationBatchNorm(NormBase):
         # shaped by the preceding layer's weight on attach() (or by a loaded state_dict)
         self.register_buffer("window_dmean", torch.zeros(k, 1, 0, **factory))
         self.register_buffer("window_dvar", torch.zeros(k, c, 0, **factory))
-        self._step = 0
         self.__dict__["_layer"] = None  # the preceding layer: not a submodule (it belongs to the model)
         self._hook: Any = None
         self._captured: Optional[Tuple[Tensor, Tensor]] = None
@@ -264,7 +263,6 @@ class _CrossIterationBatchNorm(NormBase):
         super().reset_running_stats()
         if "iteration" in self._buffers:
             self.iteration.zero_()
-            self._step = 0
             self.reset_window()
 
     def extra_repr(self) -> str:
@@ -325,12 +323,11 @@ class _CrossIterationBatchNorm(NormBase):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._window_parts = None  # last_window is built from the buffers as the last step left them
-        if prefix + "iteration" in state_dict:
-            self._step = int(self.iteration)
 
     # -- forward ----------------------------------------------------------------------------------
     def _take_capture(self, x: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
-        captured, self._captured = self._captured, None
+        captured = self._captured
+        self.__dict__["_captured"] = None  # (per step: past nn.Module.__setattr__'s checks)
         name = type(self).__name__
         if self.layer is None:
             raise ValueError(f"{name}: compensate=True needs the preceding layer; call .attach(layer) with the "
@@ -389,9 +386,7 @@ class _CrossIterationBatchNorm(NormBase):
         if not self.training:  # no running statistics: plain batch statistics in eval
             return channel_norm(x, self.weight, self.bias, Policy("batch"), self.eps, moments=False)[0]
         factor = self._momentum_factor()
-        k, step = self.window, self._step
-        self._step += 1
-        self.iteration.add_(1)
+        k, step = self.window, count_batch_(self.iteration) - 1  # the iteration buffer counts the steps
         use_window = k > 1 and step >= self.burn_in
         record = k > 1 and step >= self.burn_in - (k - 1)
         captured = self._take_capture(x) if record and self.compensate else None
@@ -408,7 +403,7 @@ class _CrossIterationBatchNorm(NormBase):
         old = self._record(step % (k - 1), cur, captured, keep_old=use_window) if record else None
         if use_window:  # what last_window is built from, on access: the slot this step overwrote is in old
             compensated = mean_p is not self.window_mean  # else mean_p, var_p are the buffers, changed since
-            self._window_parts = (step, cur, (mean_p, var_p) if compensated else None, merged, old)
+            self.__dict__["_window_parts"] = (step, cur, (mean_p, var_p) if compensated else None, merged, old)
         return y
 
     def _window_moments(self, mean_p: Tensor, var_p: Tensor) -> Moments:
