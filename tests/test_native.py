@@ -426,12 +426,14 @@ def _batch_instance(x, w, b, rm, rv, training, gen):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_mixture_norms_native_algebra_equals_fallback(method, training, dtype, channels_last, fallback):
+# (1, 6, 32, 33): one sample, whose channels_last per-(n, c) moments and sums go in pieces over the threads
+@pytest.mark.parametrize("shape", [(5, 6, 7, 3), (1, 6, 32, 33)])
+def test_mixture_norms_native_algebra_equals_fallback(method, training, dtype, channels_last, shape, fallback):
     """Switchable Norm's and Batch-Instance Norm's O(N C) algebra in C equals the PyTorch-operations path:
     output, the gradients of the input, the affine parameters and the mixing parameters (logits, gate), and
     the running statistics."""
     gen = torch.Generator().manual_seed(8)
-    x = (torch.randn(5, 6, 7, 3, generator=gen) * 2 + 1.5).to(dtype)
+    x = (torch.randn(shape, generator=gen) * 2 + 1.5).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
