@@ -76,6 +76,17 @@ LAYERS = {
 }
 
 
+def _inputs(shape, dtype, channels_last: bool, seed: int, scale: float = 2.0, shift: float = 1.5):
+    """x (scaled and shifted normal values, in ``dtype``, channels_last if asked), float32 w and b, and g."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * scale + shift).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)
+    g = torch.randn(shape, generator=gen).to(dtype)  # contiguous: also a gradient in the other layout than x
+    return x, w, b, g
+
+
 def _fwd_bwd(fn, x, w, b, g):
     x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
     y = fn(x, w, b)
@@ -90,12 +101,7 @@ def _fwd_bwd(fn, x, w, b, g):
 # C = 4 into rows of 256 with a tail; C = 40 is not folded
 @pytest.mark.parametrize("shape", [(3, 8, 5, 7), (16, 8, 32, 33), (2, 4, 32, 33), (2, 40, 5, 6)])
 def test_native_equals_fallback(name, dtype, channels_last, shape, fallback, streaming):
-    gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(shape, generator=gen) * 2 + 1.5).to(dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    w, b = torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)
-    g = torch.randn(shape, generator=gen).to(dtype)
+    x, w, b, g = _inputs(shape, dtype, channels_last, seed=0)
     ours = _fwd_bwd(LAYERS[name], x, w, b, g)
     if dtype == torch.bfloat16:  # the fallback's bfloat16 sums are the less exact: both against float64 math
         ref = fallback(_fwd_bwd, LAYERS[name], *(t.double() for t in (x, w, b, g)))
@@ -709,12 +715,7 @@ def test_few_group_blocks_are_split_over_the_threads(kind, mode, dtype, channels
     into pieces of its positions: moments per piece merged per channel and group, then the map; backward the
     sums per piece. Results as PyTorch's operations give them (in float64), in every mode."""
     torch.set_num_threads(threads)  # the `threaded` fixture restores the count
-    gen = torch.Generator().manual_seed(5)
-    x = (torch.randn(shape, generator=gen) * 2 + 1.5).to(dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    w, b = torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)
-    g = torch.randn(shape, generator=gen).to(dtype)
+    x, w, b, g = _inputs(shape, dtype, channels_last, seed=5)
     fn = _split_layer(kind, mode)
     ours = _fwd_bwd(fn, x, w, b, g)
     ref = fallback(_fwd_bwd, fn, *(t.double() for t in (x, w, b, g)))
@@ -732,10 +733,8 @@ def test_batch_norm_channels_last_with_many_channels_equals_fallback(shape, fall
     """channels_last BatchNorm cuts the N*L positions into as few pieces as the threads need (many channels:
     one piece per thread's tasks; few channels: more), merged per channel: every cut gives the fallback's
     results."""
-    gen = torch.Generator().manual_seed(6)
-    x = (torch.randn(shape, generator=gen) * 3 - 2).contiguous(memory_format=torch.channels_last)
-    w, b = torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)
-    g = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    x, w, b, g = _inputs(shape, torch.float32, True, seed=6, scale=3.0, shift=-2.0)
+    g = g.contiguous(memory_format=torch.channels_last)
     ours = _fwd_bwd(LAYERS["bn"], x, w, b, g)
     ref = fallback(_fwd_bwd, LAYERS["bn"], *(t.double() for t in (x, w, b, g)))
     for a, r in zip(ours, ref):
