@@ -104,8 +104,9 @@ def _with_weight(t: Tensor, weight: Optional[Tensor]) -> Tensor:
 
 
 def _cast(grad: Optional[Tensor], like: Any) -> Optional[Tensor]:
-    """A parameter's gradient from the kernels (arithmetic type) in the parameter's dtype (``like``: the
-    parameter or its dtype); ``None`` stays ``None``."""
+    """A parameter's gradient from the kernels in the parameter's dtype (``like``: the parameter or its dtype):
+    the kernels write float32, float64 and bfloat16 parameters' gradients in their own type, others in the
+    arithmetic type, converted here; ``None`` stays ``None``."""
     dtype = like if isinstance(like, torch.dtype) or like is None else like.dtype
     return grad if grad is None or grad.dtype == dtype else grad.to(dtype)
 
@@ -141,7 +142,8 @@ class _GroupFn(torch.autograd.Function):
     @once_differentiable  # statistics are saved as constants: a second derivative must fail, not be wrong
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
         def kernel(x: Tensor, weight: Optional[Tensor], stats: Tensor, dgamma: bool, dbeta: bool) -> Tuple:
-            return native.group_backward(dy, x, ctx.groups, weight, stats, ctx.mode, dgamma, dbeta)[:3]
+            return native.group_backward(dy, x, ctx.groups, weight, stats, ctx.mode, dgamma, dbeta,
+                                         bias_dtype=ctx.bias_dtype)[:3]
 
         return (*_fused_backward(ctx, kernel), None, None, None, None)
 
@@ -177,7 +179,8 @@ class _BatchFn(torch.autograd.Function):
     @once_differentiable  # statistics are saved as constants: a second derivative must fail, not be wrong
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
         def kernel(x: Tensor, weight: Optional[Tensor], stats: Tensor, dgamma: bool, dbeta: bool) -> Tuple:
-            return native.batch_backward(dy, x, weight, stats, ctx.mode, dgamma, dbeta, ctx.merged_count)
+            return native.batch_backward(dy, x, weight, stats, ctx.mode, dgamma, dbeta, ctx.merged_count,
+                                         ctx.bias_dtype)
 
         return (*_fused_backward(ctx, kernel), None, None, None, None, None)
 

@@ -124,14 +124,16 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"nz_affine_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, P, I]
         getattr(lib, f"nz_grad_sums_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, P, I]
         getattr(lib, f"nz_affine_grad_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, P, I]
-        getattr(lib, f"nz_rownorm_forward_{suf}").argtypes = [P, P, I64, I64, P, P, D, I, P, P, I]
-        getattr(lib, f"nz_rownorm_backward_{suf}").argtypes = [P, P, P, I64, I64, P, I, P, P, P, P, I]
-        getattr(lib, f"nz_group_forward_{suf}").argtypes = [P, P, I64, I64, I64, I64, I, P, P, P, D, I, P, P, P, I]
-        getattr(lib, f"nz_group_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I64, I, P, P, P, I, P, P, P, P, P,
-                                                              P, I]
-        getattr(lib, f"nz_batch_forward_{suf}").argtypes = [P, P, I64, I64, I64, I, P, P, D, I, P, P, P, P, P, I, D, P, D,
-                                                             D, D, P, P, I]
-        getattr(lib, f"nz_batch_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, P, P, I, D, P, P, I]
+        # affine parameters (and their gradients) as pointer + type code (_typed_param)
+        getattr(lib, f"nz_rownorm_forward_{suf}").argtypes = [P, P, I64, I64, P, I, P, I, D, I, P, P, I]
+        getattr(lib, f"nz_rownorm_backward_{suf}").argtypes = [P, P, P, I64, I64, P, I, I, P, P, P, P, I, I]
+        getattr(lib, f"nz_group_forward_{suf}").argtypes = [P, P, I64, I64, I64, I64, I, P, I, P, I, P, D, I, P, P, P,
+                                                             I]
+        getattr(lib, f"nz_group_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I64, I, P, I, P, I, P, I, P, P,
+                                                              P, P, P, P, I]
+        getattr(lib, f"nz_batch_forward_{suf}").argtypes = [P, P, I64, I64, I64, I, P, I, P, I, D, I, P, P, P, P, P, I,
+                                                             D, P, D, D, D, P, P, I]
+        getattr(lib, f"nz_batch_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, I, P, P, I, D, P, P, I, I]
         lib.nz_set_stream_min.argtypes = [I64]
         lib.nz_use_openmp.argtypes = [P]
         lib.nz_use_openmp.restype = I
@@ -466,6 +468,30 @@ def _param_grads(c: int, dtype: torch.dtype, dgamma: bool, dbeta: bool) -> Tuple
     return (torch.empty(c, dtype=want) if dgamma else None), (torch.empty(c, dtype=want) if dbeta else None)
 
 
+def _typed_param(t: Optional[Tensor], dtype: torch.dtype, size: int) -> Tuple[Optional[Tensor], int]:
+    """An affine parameter for the core kernels, which read float32, float64 and bfloat16 parameters as they are
+    (``(tensor, type code)``, the codes of :data:`_RUNNING_TYPES`): no conversion for a bfloat16 model.
+    Another dtype or layout is converted to ``dtype`` input's arithmetic type; ``(None, 0)`` when absent."""
+    if t is None:
+        return None, 0
+    code = _RUNNING_TYPES.get(t.dtype)
+    if code is None or not t.is_contiguous() or t.numel() != size:
+        t = _param(t, dtype, size)
+        code = _RUNNING_TYPES[t.dtype]
+    return t, code
+
+
+def _grad_out(wanted: bool, size: int, param: Optional[Tensor], code: int, dtype: torch.dtype,
+              param_dtype: Optional[torch.dtype] = None) -> Tuple[Optional[Tensor], int]:
+    """The buffer for a parameter's gradient and the type code the kernel writes it in: the code it reads the
+    parameter in (``param``, ``code`` from :func:`_typed_param`), or with no parameter passed ``param_dtype``
+    where the kernels write that type, else ``dtype`` input's arithmetic type. ``None`` where not wanted."""
+    if param is not None:
+        return (torch.empty(size, dtype=param.dtype) if wanted else None), code
+    want = param_dtype if param_dtype in _RUNNING_TYPES else _arith(dtype)
+    return (torch.empty(size, dtype=want) if wanted else None), _RUNNING_TYPES[want]
+
+
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
@@ -516,10 +542,10 @@ def group_forward(x: Tensor, groups: int, weight: Optional[Tensor], bias: Option
     y = torch.empty_like(x)
     stats = torch.empty(3, n, groups, dtype=torch.float64)
     p, step = stats.data_ptr(), 8 * n * groups
-    g, b, t = _param(weight, x.dtype, c), _param(bias, x.dtype, c), _param(tau, x.dtype, c)
+    (g, gt), (b, bt), t = _typed_param(weight, x.dtype, c), _typed_param(bias, x.dtype, c), _param(tau, x.dtype, c)
     numel = x.numel()
-    _fn("group_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, numel // (n * c), groups, layout(x), _ptr(g),
-                                  _ptr(b), _ptr(t), float(eps), _MODES[mode], p, p + step, p + 2 * step,
+    _fn("group_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, numel // (n * c), groups, layout(x), _ptr(g), gt,
+                                  _ptr(b), bt, _ptr(t), float(eps), _MODES[mode], p, p + step, p + 2 * step,
                                   _threads(numel))
     return y, stats
 
@@ -536,23 +562,26 @@ class GroupGrads(NamedTuple):
 
 def group_backward(dy: Tensor, x: Tensor, groups: int, weight: Optional[Tensor], stats: Tensor, mode: str,
                    dgamma: bool = True, dbeta: bool = True, bias: Optional[Tensor] = None,
-                   tau: Optional[Tensor] = None, dtau: bool = False, drstd: bool = False) -> GroupGrads:
+                   tau: Optional[Tensor] = None, dtau: bool = False, drstd: bool = False,
+                   bias_dtype: Optional[torch.dtype] = None) -> GroupGrads:
     """Fused backward of :func:`group_forward`, from its statistics block ``stats`` (with the same ``bias`` and
     ``tau`` when it had a TLU: ``dy`` then flows where ``gamma x_hat + beta >= tau``, ties included). ``dx``
-    always; ``dgamma``, ``dbeta``, ``dtau`` and ``drstd`` where asked for."""
+    always; ``dgamma``, ``dbeta``, ``dtau`` and ``drstd`` where asked for; ``dgamma`` in the weight's dtype and
+    ``dbeta`` in the bias's (``bias``, else ``bias_dtype``) where the kernels write those types."""
     n, c = x.shape[0], x.shape[1]
     if stats.shape != (3, n, groups) or stats.dtype != torch.float64 or not stats.is_contiguous():
         raise ValueError(f"group_backward: stats must be group_forward's contiguous float64 (3, {n}, {groups}) block, "
                          f"got {stats.dtype} {tuple(stats.shape)}")
     dy = _like(x, dy)
     dx = torch.empty_like(x)
-    g, b, t = _param(weight, x.dtype, c), _param(bias, x.dtype, c), _param(tau, x.dtype, c)
-    dg, db = _param_grads(c, x.dtype, dgamma, dbeta)
+    (g, gt), (b, bt), t = _typed_param(weight, x.dtype, c), _typed_param(bias, x.dtype, c), _param(tau, x.dtype, c)
+    dg, gt = _grad_out(dgamma, c, g, gt, x.dtype)
+    db, bt = _grad_out(dbeta, c, b, bt, x.dtype, bias_dtype)
     dt = _param_grads(c, x.dtype, dtau and tau is not None, False)[0]
     dr = torch.empty(n, groups, dtype=torch.float64) if drstd else None
     p, numel = stats.data_ptr(), x.numel()
     _fn("group_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel // (n * c), groups,
-                                   layout(x), _ptr(g), _ptr(b), _ptr(t), _MODES[mode], p, p + 16 * n * groups,
+                                   layout(x), _ptr(g), gt, _ptr(b), bt, _ptr(t), _MODES[mode], p, p + 16 * n * groups,
                                    _ptr(dg), _ptr(db), _ptr(dt), _ptr(dr), _threads(numel))
     return GroupGrads(dx, dg, db, dt, dr)
 
@@ -634,11 +663,11 @@ def _batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     y = torch.empty_like(x)
     stats = torch.empty(3 + 2 * bool(limits) + 2 * bool(extra), c, dtype=torch.float64)
     p, row = stats.data_ptr(), 8 * c
-    g, b = _param(weight, x.dtype, c), _param(bias, x.dtype, c)
+    (g, gt), (b, bt) = _typed_param(weight, x.dtype, c), _typed_param(bias, x.dtype, c)
     run_type = _running_type(running_mean, running_var)
     r_max, d_max = limits if limits else (0.0, 0.0)
     count, mm = (n * l + extra[0], extra[1]) if extra else (float(n * l), None)
-    _fn("batch_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), _ptr(g), _ptr(b), float(eps),
+    _fn("batch_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), _ptr(g), gt, _ptr(b), bt, float(eps),
                                   _MODES[mode], p, p + row, p + 2 * row, _ptr(running_mean), _ptr(running_var),
                                   run_type, float(momentum), p + 3 * row if limits else None, float(r_max),
                                   float(d_max), float(count), _ptr(mm), p + (stats.shape[0] - 2) * row if extra else None,
@@ -647,12 +676,13 @@ def _batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
 
 
 def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tensor, mode: str,
-                   dgamma: bool = True, dbeta: bool = True,
-                   count: Optional[float] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                   dgamma: bool = True, dbeta: bool = True, count: Optional[float] = None,
+                   bias_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Backward of :func:`batch_forward` (and its two variants) from the forward's statistics block ``stats``
-    (its rows ``mean`` and ``rstd`` are used): ``dx``, and where asked for ``(C,)`` ``dgamma``, ``dbeta``
-    (float32, float64 for float64 input). ``count``: the elements behind the statistics when more than the
-    batch's (:func:`batch_merged_forward`)."""
+    (its rows ``mean`` and ``rstd`` are used): ``dx``, and where asked for ``(C,)`` ``dgamma``, ``dbeta``, in the
+    weight's and ``bias_dtype`` where the kernels write those types (float32, float64, bfloat16), else float32
+    (float64 for float64 input). ``count``: the elements behind the statistics when more than the batch's
+    (:func:`batch_merged_forward`)."""
     n, c = x.shape[0], x.shape[1]
     if stats.dim() != 2 or stats.shape[0] < 3 or stats.shape[1] != c or stats.dtype != torch.float64 \
             or not stats.is_contiguous():
@@ -660,12 +690,12 @@ def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tenso
                          f"got {stats.dtype} {tuple(stats.shape)}")
     dy = _like(x, dy)
     dx = torch.empty_like(x)
-    g = _param(weight, x.dtype, c)
-    dg, db = _param_grads(c, x.dtype, dgamma, dbeta)
+    g, gt = _typed_param(weight, x.dtype, c)
+    (dg, gt), (db, bt) = _grad_out(dgamma, c, g, gt, x.dtype), _grad_out(dbeta, c, None, 0, x.dtype, bias_dtype)
     p, numel = stats.data_ptr(), x.numel()
     _fn("batch_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel // (n * c), layout(x),
-                                   _ptr(g), p, p + 16 * c, _MODES[mode], float(count or 0.0), _ptr(dg), _ptr(db),
-                                   _threads(numel))
+                                   _ptr(g), gt, p, p + 16 * c, _MODES[mode], float(count or 0.0), _ptr(dg), _ptr(db),
+                                   bt, _threads(numel))
     return dx, dg, db
 
 
@@ -679,25 +709,25 @@ def rownorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     r = x.numel() // d
     y = torch.empty_like(x)
     centre, rstd = _stats(2, r)
-    g, b = _param(weight, x.dtype, d), _param(bias, x.dtype, d)
-    _fn("rownorm_forward", x.dtype)(x.data_ptr(), y.data_ptr(), r, d, _ptr(g), _ptr(b), float(eps), int(rms),
+    (g, gt), (b, bt) = _typed_param(weight, x.dtype, d), _typed_param(bias, x.dtype, d)
+    _fn("rownorm_forward", x.dtype)(x.data_ptr(), y.data_ptr(), r, d, _ptr(g), gt, _ptr(b), bt, float(eps), int(rms),
                                     centre.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
     return y, centre, rstd
 
 
 def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Tensor, rstd: Tensor, rms: bool,
-                     dgamma: bool = True, dbeta: bool = True,
-                     d: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                     dgamma: bool = True, dbeta: bool = True, d: Optional[int] = None,
+                     bias_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """``dx`` (like ``x``), and where asked for the column sums ``dgamma = sum dy * x_hat``, ``dbeta = sum dy``
-    (``(D,)``, float32, float64 for float64 input). Rows as in :func:`rownorm_forward`."""
+    (``(D,)``, in the weight's and ``bias_dtype`` as :func:`batch_backward`). Rows as in :func:`rownorm_forward`."""
     d = x.shape[-1] if d is None else d
     r = x.numel() // d
     dy = dy.to(x.dtype).contiguous()
     dx = torch.empty_like(x)
-    g = _param(weight, x.dtype, d)
-    dg, db = _param_grads(d, x.dtype, dgamma, dbeta)
-    _fn("rownorm_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), r, d, _ptr(g), int(rms),
-                                     centre.data_ptr(), rstd.data_ptr(), _ptr(dg), _ptr(db), _threads(x.numel()))
+    g, gt = _typed_param(weight, x.dtype, d)
+    (dg, gt), (db, bt) = _grad_out(dgamma, d, g, gt, x.dtype), _grad_out(dbeta, d, None, 0, x.dtype, bias_dtype)
+    _fn("rownorm_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), r, d, _ptr(g), gt, int(rms),
+                                     centre.data_ptr(), rstd.data_ptr(), _ptr(dg), _ptr(db), bt, _threads(x.numel()))
     return dx, dg, db
 
 

@@ -45,7 +45,8 @@ class _RowNormFn(torch.autograd.Function):
         native.wake_workers(x)
         d = ctx.d
         want_w, want_b = ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        dx, dgamma, dbeta = native.rownorm_backward(dy, x, weight, centre, rstd, ctx.rms, want_w, want_b, d)
+        dx, dgamma, dbeta = native.rownorm_backward(dy, x, weight, centre, rstd, ctx.rms, want_w, want_b, d,
+                                                    ctx.bias_shape[0] if ctx.bias_shape else None)
         dw = dgamma.to(weight.dtype).view(weight.shape) if want_w else None
         db = dbeta.to(ctx.bias_shape[0]).view(ctx.bias_shape[1]) if want_b else None
         return (dx if ctx.needs_input_grad[0] else None), dw, db, None, None, None

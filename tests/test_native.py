@@ -739,3 +739,42 @@ def test_batch_norm_channels_last_with_many_channels_equals_fallback(shape, fall
     ref = fallback(_fwd_bwd, LAYERS["bn"], *(t.double() for t in (x, w, b, g)))
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4 * (1 + float(r.abs().max())))
+
+
+_CORE_WITH_PARAMS = {
+    "bn": lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+    "gn": lambda x, w, b: F.group_norm(x, 2, w, b),
+    "ln2d": lambda x, w, b: F.layer_norm_2d(x, w, b),
+    "ln": lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b),
+    "rms": lambda x, w, b: F.rms_norm(x, x.shape[-1:], w),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CORE_WITH_PARAMS))
+@pytest.mark.parametrize("dtype, wdtype, bdtype", [
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16), (torch.float32, torch.float64, torch.bfloat16),
+    (torch.float64, torch.float32, torch.float16), (torch.bfloat16, torch.float16, None), (torch.float32, None, None)])
+def test_core_kernels_take_parameters_of_their_own_dtype(name, dtype, wdtype, bdtype, fallback):
+    """BatchNorm's, the group kernels' and the row kernels' parameters are read in their own dtype (float32,
+    float64, bfloat16; float16 is converted first), absent ones are ones and zeros, and each gradient comes back
+    in its parameter's dtype, equal to the PyTorch-operations path's."""
+    x, w, b, g = _inputs((4, 6, 5, 6), dtype, False, seed=13)  # C = D = 6: one w, b for every layer
+    w = None if wdtype is None else w.to(wdtype)
+    b = None if bdtype is None or name == "rms" else b.to(bdtype)
+
+    def run():
+        leaves = [x.detach().clone().requires_grad_()] + [None if t is None else t.detach().clone().requires_grad_()
+                                                          for t in (w, b)]
+        y = _CORE_WITH_PARAMS[name](*leaves)
+        y.backward(g)
+        return [y.detach()] + [None if t is None else t.grad for t in leaves]
+
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    got, want = run(), fallback(run)
+    for a, r, p in zip(got, want, [x, x, w, b]):  # y, then the gradients of x, w, b
+        if r is None:
+            assert a is None
+            continue
+        assert a.dtype == r.dtype == (x.dtype if p is x else p.dtype)
+        t = max(tol, 1e-2 if a.dtype in (torch.bfloat16, torch.float16) else 1e-5)
+        torch.testing.assert_close(a.double(), r.double(), rtol=t, atol=t * (1 + float(r.abs().max())))
