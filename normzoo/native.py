@@ -722,7 +722,8 @@ def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Te
     (``(D,)``, in the weight's and ``bias_dtype`` as :func:`batch_backward`). Rows as in :func:`rownorm_forward`."""
     d = x.shape[-1] if d is None else d
     r = x.numel() // d
-    dy = dy.to(x.dtype).contiguous()
+    if dy.dtype != x.dtype or not dy.is_contiguous():
+        dy = dy.to(x.dtype).contiguous()
     dx = torch.empty_like(x)
     g, gt = _typed_param(weight, x.dtype, d)
     (dg, gt), (db, bt) = _grad_out(dgamma, d, g, gt, x.dtype), _grad_out(dbeta, d, None, 0, x.dtype, bias_dtype)

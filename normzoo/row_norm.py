@@ -47,9 +47,17 @@ class _RowNormFn(torch.autograd.Function):
         want_w, want_b = ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
         dx, dgamma, dbeta = native.rownorm_backward(dy, x, weight, centre, rstd, ctx.rms, want_w, want_b, d,
                                                     ctx.bias_shape[0] if ctx.bias_shape else None)
-        dw = dgamma.to(weight.dtype).view(weight.shape) if want_w else None
-        db = dbeta.to(ctx.bias_shape[0]).view(ctx.bias_shape[1]) if want_b else None
+        dw = _as_param(dgamma, weight.dtype, weight.shape) if want_w else None
+        db = _as_param(dbeta, *ctx.bias_shape) if want_b else None
         return (dx if ctx.needs_input_grad[0] else None), dw, db, None, None, None
+
+
+def _as_param(grad: Tensor, dtype: torch.dtype, shape: torch.Size) -> Tensor:
+    """A column-sum gradient ``(D,)`` as its parameter's dtype and shape (no call where it already is: the
+    kernels write float32, float64 and bfloat16 gradients in their parameter's type)."""
+    if grad.dtype != dtype:
+        grad = grad.to(dtype)
+    return grad if grad.shape == shape else grad.view(shape)
 
 
 _row_apply = lean_apply(_RowNormFn)
