@@ -468,28 +468,32 @@ def _param_grads(c: int, dtype: torch.dtype, dgamma: bool, dbeta: bool) -> Tuple
     return (torch.empty(c, dtype=want) if dgamma else None), (torch.empty(c, dtype=want) if dbeta else None)
 
 
-def _typed_param(t: Optional[Tensor], dtype: torch.dtype, size: int) -> Tuple[Optional[Tensor], int]:
-    """An affine parameter for the core kernels, which read float32, float64 and bfloat16 parameters as they are
-    (``(tensor, type code)``, the codes of :data:`_RUNNING_TYPES`): no conversion for a bfloat16 model.
-    Another dtype or layout is converted to ``dtype`` input's arithmetic type; ``(None, 0)`` when absent."""
+def _typed_param(t: Optional[Tensor], size: int, fallback: torch.dtype) -> Tuple[Optional[Tensor], int]:
+    """A parameter as the kernels read it, with its type code (those of :data:`_RUNNING_TYPES`): itself where it
+    is a contiguous tensor of ``size`` values of a type they read (float32, float64, bfloat16: a bfloat16 model's
+    parameters need no conversion), else a copy in ``fallback``; ``(None, 0)`` when absent."""
     if t is None:
         return None, 0
     code = _RUNNING_TYPES.get(t.dtype)
     if code is None or not t.is_contiguous() or t.numel() != size:
-        t = _param(t, dtype, size)
-        code = _RUNNING_TYPES[t.dtype]
+        t = t.detach().reshape(size).to(fallback).contiguous()
+        code = _RUNNING_TYPES[fallback]
     return t, code
 
 
-def _grad_out(wanted: bool, size: int, param: Optional[Tensor], code: int, dtype: torch.dtype,
-              param_dtype: Optional[torch.dtype] = None) -> Tuple[Optional[Tensor], int]:
-    """The buffer for a parameter's gradient and the type code the kernel writes it in: the code it reads the
-    parameter in (``param``, ``code`` from :func:`_typed_param`), or with no parameter passed ``param_dtype``
-    where the kernels write that type, else ``dtype`` input's arithmetic type. ``None`` where not wanted."""
-    if param is not None:
-        return (torch.empty(size, dtype=param.dtype) if wanted else None), code
-    want = param_dtype if param_dtype in _RUNNING_TYPES else _arith(dtype)
-    return (torch.empty(size, dtype=want) if wanted else None), _RUNNING_TYPES[want]
+def _typed_buffer(dtype: Optional[torch.dtype], size: int, fallback: torch.dtype) -> Tuple[Tensor, int]:
+    """A ``(size,)`` buffer for a kernel to write a parameter's gradient into, with its type code: in the
+    parameter's ``dtype`` where the kernels write it, else in ``fallback`` (the caller converts)."""
+    want = dtype if dtype in _RUNNING_TYPES else fallback
+    return torch.empty(size, dtype=want), _RUNNING_TYPES[want]
+
+
+def _grad_out(wanted: bool, size: int, param_dtype: Optional[torch.dtype], code: int,
+              dtype: torch.dtype) -> Tuple[Optional[Tensor], int]:
+    """The core kernels' buffer for a parameter's gradient, which they write in the type they read the parameter
+    in: ``(buffer, its code)`` in ``param_dtype`` (the parameter's, or the dtype of one not passed) or ``dtype``
+    input's arithmetic type; where not wanted ``(None, code)``, the parameter's code kept."""
+    return _typed_buffer(param_dtype, size, _arith(dtype)) if wanted else (None, code)
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
@@ -542,7 +546,8 @@ def group_forward(x: Tensor, groups: int, weight: Optional[Tensor], bias: Option
     y = torch.empty_like(x)
     stats = torch.empty(3, n, groups, dtype=torch.float64)
     p, step = stats.data_ptr(), 8 * n * groups
-    (g, gt), (b, bt), t = _typed_param(weight, x.dtype, c), _typed_param(bias, x.dtype, c), _param(tau, x.dtype, c)
+    a = _arith(x.dtype)
+    (g, gt), (b, bt), t = _typed_param(weight, c, a), _typed_param(bias, c, a), _param(tau, x.dtype, c)
     numel = x.numel()
     _fn("group_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, numel // (n * c), groups, layout(x), _ptr(g), gt,
                                   _ptr(b), bt, _ptr(t), float(eps), _MODES[mode], p, p + step, p + 2 * step,
@@ -574,9 +579,10 @@ def group_backward(dy: Tensor, x: Tensor, groups: int, weight: Optional[Tensor],
                          f"got {stats.dtype} {tuple(stats.shape)}")
     dy = _like(x, dy)
     dx = torch.empty_like(x)
-    (g, gt), (b, bt), t = _typed_param(weight, x.dtype, c), _typed_param(bias, x.dtype, c), _param(tau, x.dtype, c)
-    dg, gt = _grad_out(dgamma, c, g, gt, x.dtype)
-    db, bt = _grad_out(dbeta, c, b, bt, x.dtype, bias_dtype)
+    a = _arith(x.dtype)
+    (g, gt), (b, bt), t = _typed_param(weight, c, a), _typed_param(bias, c, a), _param(tau, x.dtype, c)
+    dg, gt = _grad_out(dgamma, c, None if g is None else g.dtype, gt, x.dtype)
+    db, bt = _grad_out(dbeta, c, bias_dtype if b is None else b.dtype, bt, x.dtype)
     dt = _param_grads(c, x.dtype, dtau and tau is not None, False)[0]
     dr = torch.empty(n, groups, dtype=torch.float64) if drstd else None
     p, numel = stats.data_ptr(), x.numel()
@@ -663,7 +669,7 @@ def _batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     y = torch.empty_like(x)
     stats = torch.empty(3 + 2 * bool(limits) + 2 * bool(extra), c, dtype=torch.float64)
     p, row = stats.data_ptr(), 8 * c
-    (g, gt), (b, bt) = _typed_param(weight, x.dtype, c), _typed_param(bias, x.dtype, c)
+    (g, gt), (b, bt) = _typed_param(weight, c, _arith(x.dtype)), _typed_param(bias, c, _arith(x.dtype))
     run_type = _running_type(running_mean, running_var)
     r_max, d_max = limits if limits else (0.0, 0.0)
     count, mm = (n * l + extra[0], extra[1]) if extra else (float(n * l), None)
@@ -690,8 +696,9 @@ def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tenso
                          f"got {stats.dtype} {tuple(stats.shape)}")
     dy = _like(x, dy)
     dx = torch.empty_like(x)
-    g, gt = _typed_param(weight, x.dtype, c)
-    (dg, gt), (db, bt) = _grad_out(dgamma, c, g, gt, x.dtype), _grad_out(dbeta, c, None, 0, x.dtype, bias_dtype)
+    g, gt = _typed_param(weight, c, _arith(x.dtype))
+    dg, gt = _grad_out(dgamma, c, None if g is None else g.dtype, gt, x.dtype)
+    db, bt = _grad_out(dbeta, c, bias_dtype, 0, x.dtype)
     p, numel = stats.data_ptr(), x.numel()
     _fn("batch_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel // (n * c), layout(x),
                                    _ptr(g), gt, p, p + 16 * c, _MODES[mode], float(count or 0.0), _ptr(dg), _ptr(db),
@@ -709,7 +716,7 @@ def rownorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     r = x.numel() // d
     y = torch.empty_like(x)
     centre, rstd = _stats(2, r)
-    (g, gt), (b, bt) = _typed_param(weight, x.dtype, d), _typed_param(bias, x.dtype, d)
+    (g, gt), (b, bt) = _typed_param(weight, d, _arith(x.dtype)), _typed_param(bias, d, _arith(x.dtype))
     _fn("rownorm_forward", x.dtype)(x.data_ptr(), y.data_ptr(), r, d, _ptr(g), gt, _ptr(b), bt, float(eps), int(rms),
                                     centre.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
     return y, centre, rstd
@@ -725,8 +732,9 @@ def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Te
     if dy.dtype != x.dtype or not dy.is_contiguous():
         dy = dy.to(x.dtype).contiguous()
     dx = torch.empty_like(x)
-    g, gt = _typed_param(weight, x.dtype, d)
-    (dg, gt), (db, bt) = _grad_out(dgamma, d, g, gt, x.dtype), _grad_out(dbeta, d, None, 0, x.dtype, bias_dtype)
+    g, gt = _typed_param(weight, d, _arith(x.dtype))
+    dg, gt = _grad_out(dgamma, d, None if g is None else g.dtype, gt, x.dtype)
+    db, bt = _grad_out(dbeta, d, bias_dtype, 0, x.dtype)
     _fn("rownorm_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), r, d, _ptr(g), gt, int(rms),
                                      centre.data_ptr(), rstd.data_ptr(), _ptr(dg), _ptr(db), bt, _threads(x.numel()))
     return dx, dg, db

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from normzoo import native
-from normzoo.native import _RUNNING_TYPES as _TYPE_CODES
 from normzoo.native import _ptr, _running_type
 
 _P, _I64, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
@@ -37,14 +36,8 @@ def _fn(name: str, dtype: torch.dtype):
 
 
 def _typed(t: Optional[Tensor], size: int) -> Tuple[Optional[Tensor], int]:
-    """A parameter as the kernels read it: itself with its type code where it is a contiguous ``(size,)`` tensor
-    of a type they know (float32, float64, bfloat16), else a float64 copy; ``(None, 0)`` for ``None``."""
-    if t is None:
-        return None, 0
-    code = _TYPE_CODES.get(t.dtype)
-    if code is None or t.dim() != 1 or not t.is_contiguous():
-        t, code = t.detach().reshape(size).to(torch.float64).contiguous(), 2
-    return t, code
+    """A parameter as the kernels read it (:func:`normzoo.native._typed_param`; other dtypes as float64)."""
+    return native._typed_param(t, size, torch.float64)
 
 
 def _grad_buffer(dtype: Optional[torch.dtype], size: int, wanted: bool) -> Tuple[Optional[Tensor], int]:
@@ -53,8 +46,7 @@ def _grad_buffer(dtype: Optional[torch.dtype], size: int, wanted: bool) -> Tuple
     no parameter or an unwanted gradient."""
     if dtype is None or not wanted:
         return None, 0
-    code = _TYPE_CODES.get(dtype)
-    return (torch.empty(size, dtype=torch.float64), 2) if code is None else (torch.empty(size, dtype=dtype), code)
+    return native._typed_buffer(dtype, size, torch.float64)
 
 
 def _as_param(grad: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
