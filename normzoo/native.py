@@ -652,7 +652,13 @@ def batch_merged_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     Returns ``y`` and a float64 ``(5, C)`` block: the merged ``mean``, ``M2``, ``rstd``, and the batch's own
     ``mean``, ``M2`` (those update the running statistics, if given). Backward: :func:`batch_backward` with
     ``count = N * prod(S) + extra_count``."""
-    extra = torch.cat([extra_mean.reshape(-1), extra_m2.reshape(-1)]).to(torch.float64)
+    c = x.shape[1]
+    if (extra_mean.dtype == extra_m2.dtype == torch.float64 and extra_mean.numel() == extra_m2.numel() == c
+            and extra_mean.is_contiguous() and extra_m2.is_contiguous()
+            and extra_m2.data_ptr() == extra_mean.data_ptr() + 8 * c):
+        extra = extra_mean  # the two rows of one block, as the native window merge gives them: read in place
+    else:
+        extra = torch.cat([extra_mean.reshape(-1), extra_m2.reshape(-1)]).to(torch.float64)
     return _batch_forward(x, weight, bias, eps, mode, running_mean, running_var, momentum,
                           extra=(float(extra_count), extra))
 

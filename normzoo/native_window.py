@@ -34,8 +34,9 @@ def _lib() -> ctypes.CDLL:
 def _code(count: Tensor, mean: Tensor, var: Tensor) -> Optional[int]:
     """The buffers' type code, if the kernels can take them (CPU, contiguous, one known dtype)."""
     code = _TYPE_CODES.get(mean.dtype)
-    if (code is None or native.library() is None
-            or not all(t.is_cpu and t.is_contiguous() and t.dtype == mean.dtype for t in (count, mean, var))):
+    if (code is None or native.library() is None or count.dtype != mean.dtype or var.dtype != mean.dtype
+            or not (count.is_cpu and mean.is_cpu and var.is_cpu)
+            or not (count.is_contiguous() and mean.is_contiguous() and var.is_contiguous())):
         return None
     return code
 

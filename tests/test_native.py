@@ -778,3 +778,18 @@ def test_core_kernels_take_parameters_of_their_own_dtype(name, dtype, wdtype, bd
         assert a.dtype == r.dtype == (x.dtype if p is x else p.dtype)
         t = max(tol, 1e-2 if a.dtype in (torch.bfloat16, torch.float16) else 1e-5)
         torch.testing.assert_close(a.double(), r.double(), rtol=t, atol=t * (1 + float(r.abs().max())))
+
+
+def test_batch_merged_forward_reads_adjacent_moments_in_place_and_others_copied():
+    """Cross-Iteration BN's constant moments: two rows of one float64 block (as the native window merge gives
+    them) are read in place; separate or float32 tensors are gathered first. The results agree."""
+    x, w, b, _ = _inputs((4, 6, 5, 7), torch.float32, False, seed=14)
+    block = torch.rand(2, 1, 6, dtype=torch.float64) + 0.5
+    in_place = native.batch_merged_forward(x, w, b, 1e-5, "standard", 40.0, block[0], block[1])
+    separate = native.batch_merged_forward(x, w, b, 1e-5, "standard", 40.0, block[0].clone(), block[1].clone())
+    as_float = native.batch_merged_forward(x, w, b, 1e-5, "standard", 40.0, block[0].float(), block[1].float())
+    for other in (separate, as_float):
+        tol = 0 if other is separate else 1e-5
+        torch.testing.assert_close(in_place[0], other[0], rtol=tol, atol=tol)
+        torch.testing.assert_close(in_place[1], other[1], rtol=tol, atol=tol)
+    assert not torch.equal(in_place[0], native.batch_forward(x, w, b, 1e-5, "standard")[0])  # the moments count
