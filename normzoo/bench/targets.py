@@ -3,10 +3,10 @@
 ==========  ===========================================================================================
 key         target
 ==========  ===========================================================================================
-speedup     baseline time / normzoo time >= 1.0 for every layer; >= 2.0 for BatchNorm2d contiguous,
-            InstanceNorm (any rank, any format), RMSNorm, GroupNorm and LayerNorm2d in channels_last, and
-            for the BatchNorm family against its straightforward paper formula
-copy        effective forward+backward bandwidth (5 x tensor bytes / time) >= 50% of copy bandwidth
+speedup     baseline time / normzoo time >= 1.0 for every layer and dtype; in float32 >= 2.0 for BatchNorm2d
+            contiguous, InstanceNorm (any rank, any format), RMSNorm, GroupNorm and LayerNorm2d in
+            channels_last, and for the BatchNorm family against its straightforward paper formula
+copy        float32: effective forward+backward bandwidth (5 x tensor bytes / time) >= 50% of copy bandwidth
 vs_bn       BatchNorm family (mean-only BN, Batch Renorm, Batch-Instance Norm, Switchable Norm, CBN):
             time <= 1.3 x normzoo BatchNorm's at the same shape, dtype and format
 saved       bytes saved for backward (parameters excluded) <= one input-sized tensor + O(N*C) statistics
@@ -14,6 +14,11 @@ saved       bytes saved for backward (parameters excluded) <= one input-sized te
             units of one input tensor
 bf16        bfloat16 rows: forward+backward time <= the float32 row's (same elements: per element)
 ==========  ===========================================================================================
+
+The issue states its speed targets "on the CPU, 2 threads, float32, forward+backward, training mode", so the 2x
+speedups and the copy fraction are checked on float32 rows (:data:`TARGET_DTYPE`). Other dtypes have their own
+target (bfloat16: per element no slower than float32), and every row must still not be slower than its baseline,
+which is what a drop-in replacement promises; their copy fraction is reported, not judged.
 
 These are what the report marks; they are measurements on a noisy shared machine, never test assertions.
 """
@@ -29,6 +34,8 @@ SPEEDUP_STRONG = 2.0
 COPY_FRACTION_MIN = 0.5
 VS_BN_MAX = 1.3
 BF16_VS_FP32_MAX = 1.0
+#: The dtype the issue's 2x speedups and copy fraction are stated for.
+TARGET_DTYPE = "float32"
 
 _BN_FAMILY_PREFIXES = ("mbn", "brn", "bin", "switch", "cbn")
 
@@ -64,7 +71,7 @@ def in_bn_family(layer: str) -> bool:
 def speedup_needed(row: Row) -> float:
     """The speedup the issue asks of this row (see the module table)."""
     name, channels_last = row.layer, row.memory_format == "channels_last"
-    strong = (
+    strong = row.dtype == TARGET_DTYPE and (
         (name == "bn2d" and not channels_last)
         or name.startswith("in")
         or name == "rms"
@@ -78,8 +85,9 @@ def checks(row: Row) -> List[Check]:
     """Every target that applies to ``row`` (an errored row has none)."""
     if row.error is not None:
         return []
-    out = [Check("speedup", row.ratio_fb, speedup_needed(row), True),
-           Check("copy", row.copy_fraction_fb, COPY_FRACTION_MIN, True)]
+    out = [Check("speedup", row.ratio_fb, speedup_needed(row), True)]
+    if row.dtype == TARGET_DTYPE:
+        out.append(Check("copy", row.copy_fraction_fb, COPY_FRACTION_MIN, True))
     if in_bn_family(row.layer):
         out.append(Check("vs_bn", row.vs_bn, VS_BN_MAX, False))
     if row.saved is not None:  # in units of one input tensor, as the table shows it
@@ -99,5 +107,5 @@ def summary(rows: List[Row]) -> Dict[str, Dict[str, int]]:
     return out
 
 
-__all__ = ["SPEEDUP_MIN", "SPEEDUP_STRONG", "COPY_FRACTION_MIN", "VS_BN_MAX", "BF16_VS_FP32_MAX", "Check",
+__all__ = ["SPEEDUP_MIN", "SPEEDUP_STRONG", "COPY_FRACTION_MIN", "VS_BN_MAX", "BF16_VS_FP32_MAX", "TARGET_DTYPE", "Check",
            "in_bn_family", "speedup_needed", "checks", "summary"]
