@@ -42,9 +42,11 @@ _TYPES = {  # dtype: (suffix, storage type, arithmetic type, load, store)
 # compare (the TLU's mask) as a branch instead of vectorizing it
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
           "-pthread"]
-#: Below this many elements a kernel runs on one thread: starting and joining threads (tens of
-#: microseconds, far more on a loaded machine) costs more than a second core saves on 1 MB.
-PARALLEL_THRESHOLD = 1 << 18
+#: Below this many elements (256 KB of float32) a kernel runs on one thread. With the pool's workers woken as a
+#: layer's Python begins (:func:`wake_workers`), a second thread pays from about 32K elements on: after a 300 us
+#: idle, 2 threads against 1 at 4x512x7x7 (100K elements) took BatchNorm's kernels 63 + 74 us against 91 + 107,
+#: GroupNorm's 48 + 79 against 66 + 116; at 2x64x16x16 (32K) the gain was 2-4 us, so the line is drawn above.
+PARALLEL_THRESHOLD = 1 << 16
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
