@@ -165,6 +165,28 @@ def test_unsupported_layout_falls_back():
     torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True), rtol=1e-4, atol=1e-5)
 
 
+def test_layout_reads_strides_as_a_channel_last_view_would():
+    """``layout`` decides from the strides (no view per call); it must agree with what ``movedim(1, -1)`` shows,
+    size-1 dims, slices and permutations included, in every rank the kernels take."""
+    def by_view(t: torch.Tensor):
+        if t.is_contiguous():
+            return 1 if t.dim() == 2 else 0
+        return 1 if t.dim() >= 3 and t.movedim(1, -1).is_contiguous() else None
+
+    gen = torch.Generator().manual_seed(3)
+    seen = set()
+    for dim in (2, 3, 4, 5):
+        for _ in range(400):
+            shape = [int(s) for s in torch.randint(1, 4, (dim,), generator=gen)]
+            t = torch.empty(*(2 * s for s in shape)).permute(*torch.randperm(dim, generator=gen).tolist())
+            t = t[tuple(slice(0, s, int(k)) for s, k in zip(shape, torch.randint(1, 3, (dim,), generator=gen)))]
+            if dim in (3, 4, 5) and bool(torch.randint(0, 3, (1,), generator=gen) == 0):
+                t = t.movedim(1, -1).contiguous().movedim(-1, 1)
+            assert native.layout(t) == by_view(t), (t.shape, t.stride())
+            seen.add((dim, by_view(t)))
+    assert {(d, k) for d in (3, 4, 5) for k in (0, 1, None)} <= seen  # every case was met
+
+
 def test_bfloat16_rounding_is_to_nearest_even_and_keeps_nan():
     x = torch.tensor([[1.0, float("nan"), -3.0, 2.5]], dtype=torch.bfloat16).view(1, 1, 4).expand(2, 1, 4).contiguous()
     y = native.affine(x, torch.ones(2, 1), torch.zeros(2, 1), torch.zeros(2, 1))
