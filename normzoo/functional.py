@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from normzoo import _checks, row_norm
-from normzoo.channel_norm import Policy, channel_norm, fixed_affine
+from normzoo.channel_norm import Policy, channel_norm, fixed_affine, sample_norm
 from normzoo.running import Running, update_running_stats
 
 _Shape = Union[int, Sequence[int], torch.Size]
@@ -100,14 +100,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     ``input``: ``(N, C, *S)``; statistics per sample over each group of ``C / num_groups`` consecutive
     channels and S; ``weight``/``bias`` per channel.
     """
-    name = "group_norm"
-    _checks.check_input(name, input, (2, 3, 4, 5), shape_hint="(N, C, *spatial)")
-    _checks.check_eps(name, eps)
-    c = input.shape[1]
-    _checks.check_groups(name, num_groups, c)
-    _checks.check_param(name, "weight", weight, (c,))
-    _checks.check_param(name, "bias", bias, (c,))
-    return channel_norm(input, weight, bias, Policy("group", num_groups), eps, moments=False)[0]
+    return checked_group_norm("group_norm", input, num_groups, weight, bias, eps)
 
 
 def layer_norm_2d(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -117,13 +110,20 @@ def layer_norm_2d(input: Tensor, weight: Optional[Tensor] = None, bias: Optional
 
     Not to be confused with the per-position LayerNorm over C alone used by ConvNeXt-style models.
     """
-    name = "layer_norm_2d"
-    _checks.check_input(name, input, (3, 4, 5), shape_hint="(N, C, *spatial)")
+    return checked_group_norm("layer_norm_2d", input, 1, weight, bias, eps, dims=(3, 4, 5))
+
+
+def checked_group_norm(name: str, input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                       eps: float, num_channels: Optional[int] = None, dims: Sequence[int] = (2, 3, 4, 5)) -> Tensor:
+    """:func:`group_norm` with the caller's name in its errors, the input ranks it takes (``dims``), and the
+    channel count a module was built for (``num_channels``), checked once on the way to the kernels."""
+    _checks.check_input(name, input, dims, num_channels, "(N, C, *spatial)")
     _checks.check_eps(name, eps)
     c = input.shape[1]
+    _checks.check_groups(name, num_groups, c)
     _checks.check_param(name, "weight", weight, (c,))
     _checks.check_param(name, "bias", bias, (c,))
-    return channel_norm(input, weight, bias, Policy("group", 1), eps, moments=False)[0]
+    return sample_norm(input, weight, bias, num_groups, eps)
 
 
 def _as_shape(normalized_shape: _Shape) -> List[int]:

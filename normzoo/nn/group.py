@@ -108,8 +108,8 @@ class GroupNorm(_ChannelAffine):
         init_affine(self, num_channels, affine, affine and bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        _checks.check_input("GroupNorm", input, (2, 3, 4, 5), self.num_channels, "(N, C, *spatial)")
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return F.checked_group_norm("GroupNorm", input, self.num_groups, self.weight, self.bias, self.eps,
+                                    self.num_channels)
 
     def extra_repr(self) -> str:
         return "{num_groups}, {num_channels}, eps={eps}, affine={affine}, bias={use_bias}".format(
@@ -144,8 +144,8 @@ class LayerNorm2d(_ChannelAffine):
         init_affine(self, num_channels, affine, affine and bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        _checks.check_input("LayerNorm2d", input, (3, 4, 5), self.num_channels, "(N, C, *spatial)")
-        return F.layer_norm_2d(input, self.weight, self.bias, self.eps)
+        return F.checked_group_norm("LayerNorm2d", input, 1, self.weight, self.bias, self.eps, self.num_channels,
+                                    dims=(3, 4, 5))
 
     def extra_repr(self) -> str:
         return "{num_channels}, eps={eps}, affine={affine}, bias={use_bias}".format(
