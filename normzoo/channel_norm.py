@@ -320,6 +320,23 @@ def channel_norm(
     return y, (result if moments else None)
 
 
+def batch_stats_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
+                     running: Optional[Running]) -> Tensor:
+    """``y`` normalized with the batch's statistics per channel (BatchNorm training: ``mode="standard"``; mean-only
+    BatchNorm: ``"mean"``), ``running`` updated with them. The layers' hot path, as :func:`sample_norm`: straight
+    to the fused native op (which also updates float32, float64 or bfloat16 running buffers), otherwise
+    :func:`channel_norm`. The caller has checked the arguments."""
+    if native.supports(x):
+        native.wake_workers(x)
+        out: list = []
+        y = _batch_apply(x, weight, bias, eps, mode, None, running, out)
+        stats, running_done = out
+        if running is not None and not running_done:
+            running.update(Moments(x.numel() // x.shape[1], stats[0], stats[1]))
+        return y
+    return channel_norm(x, weight, bias, Policy("batch"), eps, mode=mode, running=running, moments=False)[0]
+
+
 def sample_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], groups: int, eps: float,
                 mode: str = "standard") -> Tensor:
     """``y`` for statistics local to a sample: per sample over each of ``groups`` groups of consecutive channels
@@ -400,4 +417,4 @@ def fixed_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
     return torch.addcmul(b.to(x.dtype).view(shape), x, a.to(x.dtype).view(shape))
 
 
-__all__ = ["Policy", "channel_norm", "sample_norm", "fixed_affine", "batch_or_running", "native_batch_or_running", "BatchStatistics"]
+__all__ = ["Policy", "channel_norm", "batch_stats_norm", "sample_norm", "fixed_affine", "batch_or_running", "native_batch_or_running", "BatchStatistics"]

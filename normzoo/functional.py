@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from normzoo import _checks, row_norm
-from normzoo.channel_norm import Policy, channel_norm, fixed_affine, sample_norm
+from normzoo.channel_norm import Policy, batch_stats_norm, channel_norm, fixed_affine, sample_norm
 from normzoo.running import Running, update_running_stats
 
 _Shape = Union[int, Sequence[int], torch.Size]
@@ -25,6 +25,16 @@ def _batch_norm_impl(name: str, input: Tensor, running_mean: Optional[Tensor], r
                      weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
                      eps: float, mode: str) -> Tensor:
     _checks.check_input(name, input, (2, 3, 4, 5), shape_hint="(N, C, *spatial)")
+    return batch_norm_checked_input(name, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                    mode)
+
+
+def batch_norm_checked_input(name: str, input: Tensor, running_mean: Optional[Tensor],
+                             running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                             training: bool, momentum: float, eps: float, mode: str) -> Tensor:
+    """:func:`batch_norm` (``mode="standard"``) or :func:`mean_only_batch_norm` (``"mean"``) of an input whose
+    rank and dtype the caller has checked (a module, which checks them before it counts the batch); the rest of
+    the arguments are checked here, with ``name`` in the errors."""
     _checks.check_eps(name, eps)
     c = input.shape[1]
     _checks.check_channel_params(name, c, weight=weight, bias=bias, running_mean=running_mean,
@@ -36,8 +46,8 @@ def _batch_norm_impl(name: str, input: Tensor, running_mean: Optional[Tensor], r
     if mode != "mean" or count == 0:  # mean-only BN is defined for a single value per channel
         _checks.check_batch_stats(name, input, count)
     track = training and (running_mean is not None or running_var is not None)
-    running = Running(running_mean, running_var, momentum) if track else None
-    return channel_norm(input, weight, bias, Policy("batch"), eps, mode=mode, running=running, moments=False)[0]
+    return batch_stats_norm(input, weight, bias, eps, mode, Running(running_mean, running_var, momentum) if track
+                            else None)
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -409,7 +409,7 @@ def _fn(name: str, dtype: torch.dtype):
 
 def _like(x: Tensor, other: Tensor) -> Tensor:
     """``other`` in ``x``'s memory layout (a copy only when the layouts differ)."""
-    if layout(other) == layout(x) and other.dtype == x.dtype:
+    if other.dtype == x.dtype and (other.stride() == x.stride() or layout(other) == layout(x)):
         return other
     fmt = torch.contiguous_format if layout(x) == 0 else (torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     if x.dim() in (4, 5) or layout(x) == 0:

@@ -26,24 +26,23 @@ class _BatchNorm(NormBase):
     shape, dtype and memory format.
     """
 
-    _function = staticmethod(F.batch_norm)
+    _mode = "standard"  #: what the channel statistics divide out: "standard", or "mean" (mean-only BatchNorm)
 
     def forward(self, input: Tensor) -> Tensor:
-        x = self._check_input(input)
+        x = self._check_input(input)  # before the batch is counted
         factor = self._momentum_factor()
-        use_batch = self.training or (self.running_mean is None and self.running_var is None)
-        if use_batch and self._function is F.batch_norm:
-            self._check_batch_stats(x)
         track = not self.training or self.track_running_stats
-        return self._function(
+        return F.batch_norm_checked_input(
+            type(self).__name__,
             x,
             self.running_mean if track else None,
             self.running_var if track else None,
             self.weight,
             self.bias,
-            use_batch,
+            self.training or (self.running_mean is None and self.running_var is None),
             factor,
             self.eps,
+            self._mode,
         )
 
 
@@ -79,7 +78,7 @@ class _MeanOnlyBatchNorm(_BatchNorm):
     information and checkpoint compatibility but not used.
     """
 
-    _function = staticmethod(F.mean_only_batch_norm)
+    _mode = "mean"
 
 
 @register("mbn1d", "meanonly_bn1d")

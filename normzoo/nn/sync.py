@@ -213,7 +213,7 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
         self.mean_only = bool(mean_only)
         if self.mean_only:
-            self._function = F.mean_only_batch_norm  # the single-process path of _BatchNorm.forward
+            self._mode = "mean"  # the single-process path of _BatchNorm.forward
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", mean_only=True" if self.mean_only else "")
