@@ -63,7 +63,7 @@ def check_batch_stats(layer: str, x: Tensor, count: int, what: str = "value per 
 
 
 def check_param(layer: str, name: str, p: Optional[Tensor], shape: Sequence[int]) -> None:
-    if p is not None and tuple(p.shape) != tuple(shape):
+    if p is not None and p.shape != tuple(shape):
         raise ValueError(f"{layer}: expected {name} of shape {tuple(shape)}, got {tuple(p.shape)}")
 
 

@@ -9,7 +9,7 @@ with the unbiased batch variance (:mod:`normzoo.running`).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -86,8 +86,16 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     (sample, channel) over S. Running statistics, if given, are updated with the batch average of the
     per-instance mean and unbiased variance (torch's rule).
     """
-    name = "instance_norm"
-    _checks.check_input(name, input, (3, 4, 5), shape_hint="(N, C, *spatial)")
+    _checks.check_input("instance_norm", input, (3, 4, 5), shape_hint="(N, C, *spatial)")
+    return instance_norm_checked_input("instance_norm", input, running_mean, running_var, weight, bias,
+                                       use_input_stats, momentum, eps)
+
+
+def instance_norm_checked_input(name: str, input: Tensor, running_mean: Optional[Tensor],
+                                running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                                use_input_stats: bool, momentum: float, eps: float) -> Tensor:
+    """:func:`instance_norm` of an input whose rank and dtype the caller (a module) has checked; the rest of the
+    arguments are checked here, with ``name`` in the errors."""
     _checks.check_eps(name, eps)
     c = input.shape[1]
     _checks.check_channel_params(name, c, weight=weight, bias=bias, running_mean=running_mean,
@@ -98,8 +106,9 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
         return fixed_affine(input, running_mean, running_var, weight, bias, eps)
     spatial = input.numel() // (input.shape[0] * c) if input.numel() else 0
     _checks.check_batch_stats(name, input, spatial, "spatial element per channel")
-    track = running_mean is not None or running_var is not None
-    running = Running(running_mean, running_var, momentum) if track else None
+    if running_mean is None and running_var is None:
+        return sample_norm(input, weight, bias, c, eps)
+    running = Running(running_mean, running_var, momentum)
     return channel_norm(input, weight, bias, Policy("instance"), eps, running=running, moments=False)[0]
 
 
@@ -136,10 +145,12 @@ def checked_group_norm(name: str, input: Tensor, num_groups: int, weight: Option
     return sample_norm(input, weight, bias, num_groups, eps)
 
 
-def _as_shape(normalized_shape: _Shape) -> List[int]:
+def _as_shape(normalized_shape: _Shape) -> Tuple[int, ...]:
     if isinstance(normalized_shape, int):
-        return [normalized_shape]
-    return [int(s) for s in normalized_shape]
+        return (normalized_shape,)
+    if type(normalized_shape) is tuple and all(type(s) is int for s in normalized_shape):
+        return normalized_shape  # a module's own (checked when it was built)
+    return tuple(int(s) for s in normalized_shape)
 
 
 def _last_dims_norm(name: str, input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor],
@@ -151,7 +162,7 @@ def _last_dims_norm(name: str, input: Tensor, normalized_shape: _Shape, weight: 
     _checks.check_floating(name, input)
     _checks.check_eps(name, eps)
     k = len(shape)
-    if k == 0 or input.dim() < k or list(input.shape[input.dim() - k:]) != shape:
+    if k == 0 or input.dim() < k or input.shape[input.dim() - k:] != shape:
         raise ValueError(
             f"{name}: expected input whose last {k} dim(s) are normalized_shape={tuple(shape)}, "
             f"got input of shape {tuple(input.shape)}"

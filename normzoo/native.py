@@ -732,34 +732,41 @@ def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tenso
 # -- the fused row passes (LayerNorm / RMSNorm over the last dims) ------------------------------------
 
 def rownorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, rms: bool,
-                    d: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                    d: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Rows of ``d`` values (default: the last dim) of contiguous ``x``, each normalized with a per-column
-    affine: ``y`` (like ``x``), per-row ``centre`` and ``rstd`` (float64 ``(R,)``, ``R = x.numel() / d``)."""
+    affine: ``y`` (like ``x``) and the rows' statistics, one float64 ``(2, R)`` block of ``centre`` and ``rstd``
+    (``R = x.numel() / d``; one allocation, one tensor to save)."""
     d = x.shape[-1] if d is None else d
     r = x.numel() // d
     y = torch.empty_like(x)
-    centre, rstd = _stats(2, r)
+    stats = torch.empty(2, r, dtype=torch.float64)
+    p = stats.data_ptr()
     (g, gt), (b, bt) = _typed_param(weight, d, _arith(x.dtype)), _typed_param(bias, d, _arith(x.dtype))
     _fn("rownorm_forward", x.dtype)(x.data_ptr(), y.data_ptr(), r, d, _ptr(g), gt, _ptr(b), bt, float(eps), int(rms),
-                                    centre.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
-    return y, centre, rstd
+                                    p, p + 8 * r, _threads(x.numel()))
+    return y, stats
 
 
-def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], centre: Tensor, rstd: Tensor, rms: bool,
+def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tensor, rms: bool,
                      dgamma: bool = True, dbeta: bool = True, d: Optional[int] = None,
                      bias_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """``dx`` (like ``x``), and where asked for the column sums ``dgamma = sum dy * x_hat``, ``dbeta = sum dy``
-    (``(D,)``, in the weight's and ``bias_dtype`` as :func:`batch_backward`). Rows as in :func:`rownorm_forward`."""
+    (``(D,)``, in the weight's and ``bias_dtype`` as :func:`batch_backward`), from :func:`rownorm_forward`'s
+    statistics block. Rows as there."""
     d = x.shape[-1] if d is None else d
     r = x.numel() // d
+    if stats.shape != (2, r) or stats.dtype != torch.float64 or not stats.is_contiguous():
+        raise ValueError(f"rownorm_backward: stats must be rownorm_forward's contiguous float64 (2, {r}) block, "
+                         f"got {stats.dtype} {tuple(stats.shape)}")
     if dy.dtype != x.dtype or not dy.is_contiguous():
         dy = dy.to(x.dtype).contiguous()
     dx = torch.empty_like(x)
     g, gt = _typed_param(weight, d, _arith(x.dtype))
     dg, gt = _grad_out(dgamma, d, None if g is None else g.dtype, gt, x.dtype)
     db, bt = _grad_out(dbeta, d, bias_dtype, 0, x.dtype)
+    p = stats.data_ptr()
     _fn("rownorm_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), r, d, _ptr(g), gt, int(rms),
-                                     centre.data_ptr(), rstd.data_ptr(), _ptr(dg), _ptr(db), bt, _threads(x.numel()))
+                                     p, p + 8 * r, _ptr(dg), _ptr(db), bt, _threads(x.numel()))
     return dx, dg, db
 
 

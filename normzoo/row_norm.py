@@ -9,7 +9,7 @@ With ``x_hat = (x - centre) * rstd`` per row (``centre = mean``, ``rstd = 1/sqrt
 
 The native kernels (:mod:`normzoo.native`) read each row once forward (statistics and output while the
 row is in cache) and once backward (row sums, ``dx`` and the column sums of ``dgamma``/``dbeta``), which
-is the memory-traffic floor. Saved for backward: ``x`` and two float64 numbers per row. Where the native
+is the memory-traffic floor. Saved for backward: ``x`` and two float64 numbers per row (one block). Where the native
 kernels do not apply, :func:`normzoo.functional.layer_norm` uses the channel-norm engine instead.
 """
 from __future__ import annotations
@@ -31,21 +31,21 @@ class _RowNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], d: int, eps: float,
                 rms: bool) -> Tensor:
-        y, centre, rstd = native.rownorm_forward(x, weight, bias, eps, rms, d)
+        y, stats = native.rownorm_forward(x, weight, bias, eps, rms, d)
         ctx.rms, ctx.d = rms, d
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.bias_shape = (bias.dtype, bias.shape) if bias is not None else None
-        ctx.save_for_backward(x, weight, centre, rstd)
+        ctx.save_for_backward(x, weight, stats)
         return y
 
     @staticmethod
     @once_differentiable  # the row statistics are saved as constants: no silent wrong second derivative
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
-        x, weight, centre, rstd = ctx.saved_tensors
+        x, weight, stats = ctx.saved_tensors
         native.wake_workers(x)
         d = ctx.d
-        want_w, want_b = ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        dx, dgamma, dbeta = native.rownorm_backward(dy, x, weight, centre, rstd, ctx.rms, want_w, want_b, d,
+        _, want_w, want_b, *_ = ctx.needs_input_grad
+        want_w, want_b = want_w and weight is not None, want_b and ctx.bias_shape is not None
+        dx, dgamma, dbeta = native.rownorm_backward(dy, x, weight, stats, ctx.rms, want_w, want_b, d,
                                                     ctx.bias_shape[0] if ctx.bias_shape else None)
         dw = _as_param(dgamma, weight.dtype, weight.shape) if want_w else None
         db = _as_param(dbeta, *ctx.bias_shape) if want_b else None

@@ -39,14 +39,12 @@ class _InstanceNorm(NormBase):
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, Tensor) and input.dim() == self._input_dims[0] - 1:  # unbatched
             return self.forward(input.unsqueeze(0)).squeeze(0)
-        x = self._check_input(input)
+        x = self._check_input(input)  # before the batch is counted
         factor = self._momentum_factor()
-        use_input_stats = self.training or not self.track_running_stats
-        if use_input_stats:
-            self._check_batch_stats(x, per_sample=True)
         track = self.track_running_stats
-        return F.instance_norm(x, self.running_mean if track else None, self.running_var if track else None,
-                               self.weight, self.bias, use_input_stats, factor, self.eps)
+        return F.instance_norm_checked_input(type(self).__name__, x, self.running_mean if track else None,
+                                             self.running_var if track else None, self.weight, self.bias,
+                                             self.training or not track, factor, self.eps)
 
 
 @register("in1d", "instancenorm1d")
