@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from normzoo import _checks, kernels, native
-from normzoo._autograd import once_differentiable
+from normzoo._autograd import lean_apply, once_differentiable
 from normzoo.channel_norm import Policy, channel_norm, fixed_affine
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
@@ -110,11 +110,23 @@ class _BatchRenormFn(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None, None, None, None
 
 
+_renorm_apply = lean_apply(_BatchRenormFn)
+
+
 def _batch_renorm(name: str, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                   weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float, eps: float,
                   r_max: float, d_max: float) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Batch renorm; returns ``(y, r, d)`` (``r``, ``d`` are None in eval)."""
     _checks.check_input(name, input, (2, 3, 4, 5), shape_hint="(N, C, *spatial)")
+    return _batch_renorm_checked_input(name, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                       r_max, d_max)
+
+
+def _batch_renorm_checked_input(name: str, input: Tensor, running_mean: Optional[Tensor],
+                                running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                                training: bool, momentum: float, eps: float, r_max: float,
+                                d_max: float) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """:func:`_batch_renorm` of an input whose rank and dtype a module has checked (before it counted the batch)."""
     _checks.check_eps(name, eps)
     r_max, d_max = _check_limits(name, r_max, d_max)
     c = input.shape[1]
@@ -128,7 +140,7 @@ def _batch_renorm(name: str, input: Tensor, running_mean: Optional[Tensor], runn
     if native.supports(input) and native.running_update_applies(running_mean, running_var):
         native.wake_workers(input)
         out: list = []
-        y = _BatchRenormFn.apply(input, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max, out)
+        y = _renorm_apply(input, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max, out)
         return (y, *out)
     p = kernels.prepare(input)
     batch = p.rows.reduce(0)  # (C,), count N * prod(S); float64 when rows were centred (see kernels.prepare)
@@ -200,8 +212,8 @@ class _BatchRenorm(NormBase):
         if self.training:
             self._check_batch_stats(x)
         factor = self._momentum_factor()
-        y, r, d = _batch_renorm(type(self).__name__, x, self.running_mean, self.running_var, self.weight, self.bias,
-                                self.training, factor, self.eps, self.r_max, self.d_max)
+        y, r, d = _batch_renorm_checked_input(type(self).__name__, x, self.running_mean, self.running_var, self.weight,
+                                              self.bias, self.training, factor, self.eps, self.r_max, self.d_max)
         if self.training:
             self.last_r, self.last_d = r, d
         return y
