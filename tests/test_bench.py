@@ -100,6 +100,7 @@ def test_row_derived_figures():
     assert row.gbps_fb == pytest.approx(5 * nbytes / 0.005 / 1e9)
     assert row.copy_gbps == pytest.approx(2 * nbytes / 0.001 / 1e9)
     assert row.copy_fraction_fb == pytest.approx((5 / 0.005) / (2 / 0.001))
+    assert row.baseline_copy_fraction_fb == pytest.approx((5 / 0.012) / (2 / 0.001))
     assert row.vs_bn == pytest.approx(1.25)
     assert row.bf16_vs_fp32 is None
     half = _row(dtype="bfloat16", element_size=2, normzoo=Timing(0.001, 0.003), fp32_fb_s=0.004)
@@ -142,9 +143,33 @@ def test_checks_mark_pass_and_miss():
     # speedup 1.8 < 2 (formula); copy: (5/0.005)/(2/0.001) = 0.5 -> met; vs_bn 1.11 <= 1.3; saved over
     assert got == {"speedup": False, "copy": True, "vs_bn": True, "saved": False}
     summ = targets.summary([row, _row(error="boom")])
-    assert summ["speedup"] == {"passed": 0, "missed": 1, "unmeasured": 0}
+    assert summ["speedup"] == {"passed": 0, "missed": 1, "unmeasured": 0, "beyond_copy": 0}
     unmeasured = targets.checks(_row(normzoo=Timing(0.001, 0.002)))
     assert {c.key: c.passed for c in unmeasured} == {"speedup": None, "copy": None}
+
+
+def test_a_missed_speedup_says_what_fraction_of_copy_it_would_take():
+    # baseline at 60% of copy: 2x would take 120% of it -- flagged beside the miss and counted apart
+    nbytes = 10 * 4 * 5 * 5 * 4
+    copy_s = 0.001
+    base_fb = 5 * nbytes / (0.6 * 2 * nbytes / copy_s)
+    far = _row(layer="in2d", normzoo=Timing(0.001, 0.8 * base_fb), baseline=Timing(0.002, base_fb), copy_s=copy_s)
+    speedup = next(c for c in targets.checks(far) if c.key == "speedup")
+    assert speedup.passed is False and speedup.needs_copy == pytest.approx(1.2) and speedup.beyond_copy
+    assert "needs 120% of copy" in speedup.describe()
+    near = _row(layer="in2d", normzoo=Timing(0.001, 0.8 * base_fb), baseline=Timing(0.002, base_fb / 2), copy_s=copy_s)
+    near_check = next(c for c in targets.checks(near) if c.key == "speedup")
+    assert near_check.needs_copy == pytest.approx(2.4) and near_check.passed is False
+    reachable = _row(layer="in2d", normzoo=Timing(0.001, 0.8 * base_fb), baseline=Timing(0.002, 4 * base_fb),
+                     copy_s=copy_s)
+    met = next(c for c in targets.checks(reachable) if c.key == "speedup")
+    assert met.passed and met.needs_copy == pytest.approx(0.3) and not met.beyond_copy
+    slow = _row(layer="in2d", normzoo=Timing(0.001, 3 * base_fb), baseline=Timing(0.002, 4 * base_fb), copy_s=copy_s)
+    short = next(c for c in targets.checks(slow) if c.key == "speedup")
+    assert short.passed is False and not short.beyond_copy and "copy" not in short.describe()
+    summ = targets.summary([far, reachable])
+    assert summ["speedup"] == {"passed": 1, "missed": 1, "unmeasured": 0, "beyond_copy": 1}
+    assert next(c for c in targets.checks(_row(layer="in2d")) if c.key == "speedup").needs_copy is None
 
 
 def test_bfloat16_rows_keep_not_slower_and_their_own_target():

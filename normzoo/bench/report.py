@@ -11,7 +11,8 @@ Table columns (times are medians in milliseconds; every figure of a row comes fr
 ``vsBN``              time / normzoo BatchNorm's (BatchNorm family)
 ``bf16/32``           bfloat16 time / float32 time (per element)
 ``busy``              cores other processes kept busy while this row's rounds ran (noise indicator)
-``targets``           ``ok``, or the targets missed; a value that misses its target ends with ``!``
+``targets``           ``ok``, or the targets missed; a value that misses its target ends with ``!``; a missed
+                      speedup says what fraction of the copy bandwidth meeting it would take, where over 100%
 
 A ``~`` after the shape marks a case whose input and output fit in the last-level cache together: its
 bandwidth is the cache's, not memory's (compare it with the copy column, also cache-resident).
@@ -118,7 +119,9 @@ def format_table(result: "BenchResult") -> str:
                   "and buffers excluded); ~ = fits in cache"]
     summ = summary(result.rows)
     if summ:
-        parts = [f"{k}: {v['passed']} ok, {v['missed']} missed" + (f", {v['unmeasured']} n/a" if v["unmeasured"] else "")
+        parts = [f"{k}: {v['passed']} ok, {v['missed']} missed"
+                 + (f" ({v['beyond_copy']} beyond the copy bandwidth)" if v["beyond_copy"] else "")
+                 + (f", {v['unmeasured']} n/a" if v["unmeasured"] else "")
                  for k, v in summ.items()]
         lines.append("targets: " + "; ".join(parts))
     for s in result.skipped:

@@ -8,7 +8,8 @@ Derived quantities (all from medians measured in the same interleaved rounds):
   memory-traffic floor (forward reads ``x`` and writes ``y``; backward reads ``x`` and ``dy`` and writes
   ``dx``), ``bytes`` being one input-sized tensor.
 * ``copy_gbps = 2 * bytes / t_copy``: the machine's copy bandwidth at the same size, measured in the same
-  rounds; ``copy_fraction_fwd``/``copy_fraction_fb``: effective bandwidth as a fraction of it.
+  rounds; ``copy_fraction_fwd``/``copy_fraction_fb``: effective bandwidth as a fraction of it, and
+  ``baseline_copy_fraction_fb`` the baseline's (so a speedup of ``k`` needs ``k`` times that fraction).
 * ``vs_bn``: normzoo forward+backward time / normzoo BatchNorm's at the same shape (BatchNorm family).
 * ``bf16_vs_fp32``: for a bfloat16 row, its forward+backward time / the float32 row's (same element count,
   so this is the per-element ratio; ``<= 1``: bfloat16 is no slower).
@@ -123,6 +124,12 @@ class Row:
         return _div(self.gbps_fb, self.copy_gbps)
 
     @property
+    def baseline_copy_fraction_fb(self) -> Optional[float]:
+        """The baseline's forward+backward bandwidth (same floor) as a fraction of the copy bandwidth: a speedup
+        of ``k`` over it needs ``k`` times this fraction."""
+        return _div(_div(5 * self.tensor_bytes / 1e9, self.baseline.fb_s), self.copy_gbps)
+
+    @property
     def vs_bn(self) -> Optional[float]:
         return _div(self.normzoo.fb_s, self.reference_fb_s)
 
@@ -142,7 +149,7 @@ class Row:
 
     def derived(self) -> Dict[str, Optional[float]]:
         names = ("ratio_fwd", "ratio_fb", "gbps_fwd", "gbps_fb", "copy_gbps", "copy_fraction_fwd", "copy_fraction_fb",
-                 "vs_bn", "bf16_vs_fp32", "saved_vs_input")
+                 "baseline_copy_fraction_fb", "vs_bn", "bf16_vs_fp32", "saved_vs_input")
         return {n: getattr(self, n) for n in names}
 
     def to_dict(self) -> Dict[str, Any]:
