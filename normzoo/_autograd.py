@@ -15,9 +15,10 @@ under ``create_graph`` (grad mode on) torch's version runs, and a second derivat
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
+from torch import Tensor
 from torch.autograd import function as _function
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -57,4 +58,14 @@ def once_differentiable(backward: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-__all__ = ["once_differentiable", "lean_apply"]
+def grad_as(grad: Optional[Tensor], like: Any) -> Optional[Tensor]:
+    """A parameter's gradient as the kernels wrote it, in the parameter's dtype (``like``: the parameter or its
+    dtype): no call where it already is (they write float32, float64 and bfloat16 parameters' gradients in
+    their own type, others in the arithmetic type); ``None`` where ``grad`` or ``like`` is ``None``."""
+    if grad is None or like is None:
+        return None
+    dtype = like if isinstance(like, torch.dtype) else like.dtype
+    return grad if grad.dtype == dtype else grad.to(dtype)
+
+
+__all__ = ["once_differentiable", "lean_apply", "grad_as"]

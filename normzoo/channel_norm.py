@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from normzoo import _checks, kernels, native
-from normzoo._autograd import lean_apply, once_differentiable
+from normzoo._autograd import grad_as, lean_apply, once_differentiable
 from normzoo.running import Running
 from normzoo.stats import Moments, ill_conditioned
 
@@ -103,14 +103,6 @@ def _with_weight(t: Tensor, weight: Optional[Tensor]) -> Tensor:
     return t if weight is None else t * weight.to(t.dtype)
 
 
-def _cast(grad: Optional[Tensor], like: Any) -> Optional[Tensor]:
-    """A parameter's gradient from the kernels in the parameter's dtype (``like``: the parameter or its dtype):
-    the kernels write float32, float64 and bfloat16 parameters' gradients in their own type, others in the
-    arithmetic type, converted here; ``None`` stays ``None``."""
-    dtype = like if isinstance(like, torch.dtype) or like is None else like.dtype
-    return grad if grad is None or grad.dtype == dtype else grad.to(dtype)
-
-
 def _fused_backward(ctx: Any, kernel: Callable[..., Tuple]) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """The backward of a fused native op that saved ``x``, ``weight`` and its statistics block (and set
     ``ctx.bias_dtype``): ``kernel(x, weight, stats, dgamma, dbeta)`` gives ``dx`` and the parameter gradients
@@ -119,7 +111,7 @@ def _fused_backward(ctx: Any, kernel: Callable[..., Tuple]) -> Tuple[Tensor, Opt
     native.wake_workers(x)
     _, want_w, want_b, *_ = ctx.needs_input_grad
     dx, dweight, dbias = kernel(x, weight, stats, want_w and weight is not None, want_b and ctx.bias_dtype is not None)
-    return dx, _cast(dweight, weight), _cast(dbias, ctx.bias_dtype)
+    return dx, grad_as(dweight, weight), grad_as(dbias, ctx.bias_dtype)
 
 
 class _GroupFn(torch.autograd.Function):

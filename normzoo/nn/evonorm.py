@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from normzoo import _checks, kernels, native, native_evonorm
-from normzoo._autograd import once_differentiable
+from normzoo._autograd import grad_as, once_differentiable
 from normzoo.nn.group import default_groups
 from normzoo.registry import register
 from normzoo.running import count_batch_
@@ -143,11 +143,6 @@ class _Rematerialize(torch.autograd.Function):
                                for t, need in zip(inputs, ctx.needs_input_grad[1:]))
 
 
-def _cast(grad: Optional[Tensor], like: Optional[Tensor]) -> Optional[Tensor]:
-    """A parameter gradient from the kernels (arithmetic type) in the parameter's dtype; None if not computed."""
-    return None if grad is None or like is None else grad.to(like.dtype)
-
-
 def _wanted(ctx: Any) -> Tuple[bool, bool, bool]:
     """Which of dgamma, dbeta, dv the backward must compute (inputs 1, 2, 3 of the Functions below; an absent
     parameter needs none)."""
@@ -181,7 +176,7 @@ class _S0Native(torch.autograd.Function):
         native.wake_workers(x)
         dx, dg, db, dv = native_evonorm.s0_backward(dy, x, ctx.groups, weight, v, mean, rstd,
                                                     _wanted(ctx))
-        return (dx if ctx.needs_input_grad[0] else None, _cast(dg, weight), _cast(db, bias), _cast(dv, v), None, None)
+        return (dx if ctx.needs_input_grad[0] else None, grad_as(dg, weight), grad_as(db, bias), grad_as(dv, v), None, None)
 
 
 class _B0Native(torch.autograd.Function):
@@ -215,7 +210,7 @@ class _B0Native(torch.autograd.Function):
         state = native_evonorm.B0State(buf, *ctx.nc)
         dx, dg, db, dv = native_evonorm.b0_backward(dy, x, weight, v, state, ctx.use_batch,
                                                     _wanted(ctx))
-        return (dx if ctx.needs_input_grad[0] else None, _cast(dg, weight), _cast(db, bias), _cast(dv, v), None, None,
+        return (dx if ctx.needs_input_grad[0] else None, grad_as(dg, weight), grad_as(db, bias), grad_as(dv, v), None, None,
                 None)
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from normzoo import _checks, kernels, native
-from normzoo._autograd import once_differentiable
+from normzoo._autograd import grad_as, lean_apply, once_differentiable
 from normzoo.registry import register
 
 #: Below this fixed eps, a 1x1 input triggers the warning described in the module doc.
@@ -69,6 +69,13 @@ def filter_response_norm(
     """
     name = "filter_response_norm"
     _checks.check_input(name, input, range(2, 8), shape_hint="(N, C, *spatial)")
+    return _filter_response_norm_checked_input(name, input, weight, bias, tau, eps)
+
+
+def _filter_response_norm_checked_input(name: str, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                                        tau: Optional[Tensor], eps: Union[float, Tensor]) -> Tensor:
+    """:func:`filter_response_norm` of an input whose rank, dtype (and channels) the caller has checked; the rest
+    is checked here, with ``name`` in the errors. A float ``eps`` goes to the op as it is (no tensor made)."""
     c = input.shape[1]
     _checks.check_channel_params(name, c, weight=weight, bias=bias, tau=tau)
     if isinstance(eps, Tensor):
@@ -76,8 +83,8 @@ def filter_response_norm(
             raise ValueError(f"{name}: a tensor eps must have 1 or {c} elements, got shape {tuple(eps.shape)}")
     else:
         _checks.check_eps(name, eps)
-    eps_t = eps if isinstance(eps, Tensor) else torch.tensor(float(eps))
-    return _FilterResponseFn.apply(input, weight, bias, tau, eps_t)
+        eps = float(eps)
+    return _frn_apply(input, weight, bias, tau, eps)
 
 
 class _FilterResponseFn(torch.autograd.Function):
@@ -100,10 +107,11 @@ class _FilterResponseFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], tau: Optional[Tensor],
-                eps: Tensor) -> Tensor:
+                eps: Union[float, Tensor]) -> Tensor:
         n, c = x.shape[:2]
-        ctx.eps_shape, ctx.eps_dtype = eps.shape, eps.dtype
-        ctx.fused = x.dim() > 2 and eps.numel() == 1 and native.supports(x)
+        learned = isinstance(eps, Tensor)  # a float eps has no gradient: ctx.needs_input_grad[4] is False
+        ctx.eps_shape, ctx.eps_dtype = (eps.shape, eps.dtype) if learned else ((), None)
+        ctx.fused = x.dim() > 2 and (not learned or eps.numel() == 1) and native.supports(x)
         if ctx.fused:
             native.wake_workers(x)
             y, stats = native.group_forward(x, c, weight, bias, float(eps), "rms", tau)
@@ -111,7 +119,8 @@ class _FilterResponseFn(torch.autograd.Function):
             return y
         rows = kernels.prepare(x).rows  # per (n, c): exact mean and M2 over the spatial dims
         nu2 = rows.var(0) + rows.mean.square()
-        eps_nc = eps.detach().to(nu2.dtype).reshape(-1).expand(c) if eps.numel() in (1, c) else eps
+        eps_nc = (eps.detach().to(nu2.dtype).reshape(-1).expand(c) if learned
+                  else torch.full((c,), eps, dtype=nu2.dtype))
         rstd = torch.rsqrt(nu2 + eps_nc)
         y = _pre_tlu(x, rstd, weight, bias)
         if tau is not None:
@@ -131,9 +140,7 @@ class _FilterResponseFn(torch.autograd.Function):
                                       dtau=tau is not None and want[3], drstd=want[4])
             deps = None if g.drstd is None else (-0.5 * g.drstd * saved[2].pow(3)).sum().reshape(ctx.eps_shape).to(
                 ctx.eps_dtype)
-            return (g.dx, None if g.dgamma is None else g.dgamma.to(weight.dtype),
-                    None if g.dbeta is None else g.dbeta.to(bias.dtype), None if g.dtau is None else g.dtau.to(tau.dtype),
-                    deps)
+            return g.dx, grad_as(g.dgamma, weight), grad_as(g.dbeta, bias), grad_as(g.dtau, tau), deps
         rstd = saved
         dtau = None
         if tau is not None:
@@ -157,6 +164,9 @@ class _FilterResponseFn(torch.autograd.Function):
             deps = (per_nc.sum() if len(ctx.eps_shape) == 0 or int(torch.Size(ctx.eps_shape).numel()) == 1
                     else per_nc.sum(0)).reshape(ctx.eps_shape)
         return dx, dweight, dbias, dtau, deps
+
+
+_frn_apply = lean_apply(_FilterResponseFn)
 
 
 def _pre_tlu(x: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
@@ -253,7 +263,8 @@ class _FilterResponseNorm(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
-        return filter_response_norm(x, self.weight, self.bias, self.tau, self.effective_eps())
+        return _filter_response_norm_checked_input("filter_response_norm", x, self.weight, self.bias, self.tau,
+                                                   self.effective_eps())
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, eps={self.eps}, affine={self.affine}, tlu={self.tlu}"
