@@ -79,6 +79,18 @@ def test_frn_learnable_eps_has_a_floor_and_gets_gradient():
     assert torch.isfinite(zero.grad).all()
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (5, 4)])  # the fused kernel, and the operations' path
+@pytest.mark.parametrize("eps", [1e-3, 1, torch.tensor(1e-3, dtype=torch.float64)])
+def test_frn_float_int_and_tensor_eps_agree_with_the_formula_and_gradcheck(shape, eps):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True)
+    gamma, beta, tau = (torch.empty(4, dtype=torch.float64).uniform_(-1, 1, generator=g).requires_grad_()
+                        for _ in range(3))
+    want = _frn_reference(x, gamma, beta, tau, float(eps))
+    torch.testing.assert_close(filter_response_norm(x, gamma, beta, tau, eps), want)
+    assert torch.autograd.gradcheck(lambda *a: filter_response_norm(*a, eps=eps), (x, gamma, beta, tau))
+
+
 @pytest.mark.parametrize("make,shape", [(lambda: FilterResponseNorm2d(3), (4, 3, 1, 1)),
                                         (lambda: FilterResponseNorm1d(3), (4, 3))])
 def test_frn_warns_on_single_spatial_position(make, shape):
