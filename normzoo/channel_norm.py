@@ -103,7 +103,7 @@ def _with_weight(t: Tensor, weight: Optional[Tensor]) -> Tensor:
     return t if weight is None else t * weight.to(t.dtype)
 
 
-def _fused_backward(ctx: Any, kernel: Callable[..., Tuple]) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+def fused_backward(ctx: Any, kernel: Callable[..., Tuple]) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """The backward of a fused native op that saved ``x``, ``weight`` and its statistics block (and set
     ``ctx.bias_dtype``): ``kernel(x, weight, stats, dgamma, dbeta)`` gives ``dx`` and the parameter gradients
     asked for, which come back in the parameters' dtypes."""
@@ -137,7 +137,7 @@ class _GroupFn(torch.autograd.Function):
             return native.group_backward(dy, x, ctx.groups, weight, stats, ctx.mode, dgamma, dbeta,
                                          bias_dtype=ctx.bias_dtype)[:3]
 
-        return (*_fused_backward(ctx, kernel), None, None, None, None)
+        return (*fused_backward(ctx, kernel), None, None, None, None)
 
 
 class _BatchFn(torch.autograd.Function):
@@ -174,7 +174,7 @@ class _BatchFn(torch.autograd.Function):
             return native.batch_backward(dy, x, weight, stats, ctx.mode, dgamma, dbeta, ctx.merged_count,
                                          ctx.bias_dtype)
 
-        return (*_fused_backward(ctx, kernel), None, None, None, None, None)
+        return (*fused_backward(ctx, kernel), None, None, None, None, None)
 
 
 class _ChannelNormFn(torch.autograd.Function):
@@ -409,4 +409,4 @@ def fixed_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
     return torch.addcmul(b.to(x.dtype).view(shape), x, a.to(x.dtype).view(shape))
 
 
-__all__ = ["Policy", "channel_norm", "batch_stats_norm", "sample_norm", "fixed_affine", "batch_or_running", "native_batch_or_running", "BatchStatistics"]
+__all__ = ["Policy", "channel_norm", "fused_backward", "batch_stats_norm", "sample_norm", "fixed_affine", "batch_or_running", "native_batch_or_running", "BatchStatistics"]

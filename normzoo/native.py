@@ -135,7 +135,8 @@ def _declare(lib: ctypes.CDLL) -> None:
                                                               P, P, P, P, I]
         getattr(lib, f"nz_batch_forward_{suf}").argtypes = [P, P, I64, I64, I64, I, P, I, P, I, D, I, P, P, P, P, P, I,
                                                              D, P, D, D, D, P, P, I]
-        getattr(lib, f"nz_batch_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, I, P, P, I, D, P, P, I, I]
+        getattr(lib, f"nz_batch_backward_{suf}").argtypes = [P, P, P, I64, I64, I64, I, P, I, P, P, I, D, P, P, P, I,
+                                                              I]
         lib.nz_set_stream_min.argtypes = [I64]
         lib.nz_use_openmp.argtypes = [P]
         lib.nz_use_openmp.restype = I
@@ -706,17 +707,20 @@ def _batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
 
 def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tensor, mode: str,
                    dgamma: bool = True, dbeta: bool = True, count: Optional[float] = None,
-                   bias_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                   bias_dtype: Optional[torch.dtype] = None,
+                   renorm: bool = False) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Backward of :func:`batch_forward` (and its two variants) from the forward's statistics block ``stats``
     (its rows ``mean`` and ``rstd`` are used): ``dx``, and where asked for ``(C,)`` ``dgamma``, ``dbeta``, in the
     weight's and ``bias_dtype`` where the kernels write those types (float32, float64, bfloat16), else float32
     (float64 for float64 input). ``count``: the elements behind the statistics when more than the batch's
-    (:func:`batch_merged_forward`)."""
+    (:func:`batch_merged_forward`). ``renorm``: the backward of :func:`batch_renorm_forward`, whose block's
+    rows 3 and 4 hold ``r`` and ``d``: BatchNorm's with the weight ``gamma r``, and
+    ``dgamma = r sum dy x_hat + d sum dy``."""
     n, c = x.shape[0], x.shape[1]
-    if stats.dim() != 2 or stats.shape[0] < 3 or stats.shape[1] != c or stats.dtype != torch.float64 \
-            or not stats.is_contiguous():
-        raise ValueError(f"batch_backward: stats must be a batch forward's contiguous float64 (k, {c}) block, "
-                         f"got {stats.dtype} {tuple(stats.shape)}")
+    if stats.dim() != 2 or stats.shape[0] < (5 if renorm else 3) or stats.shape[1] != c \
+            or stats.dtype != torch.float64 or not stats.is_contiguous():
+        raise ValueError(f"batch_backward: stats must be a batch{' renorm' if renorm else ''} forward's contiguous "
+                         f"float64 (k, {c}) block, got {stats.dtype} {tuple(stats.shape)}")
     dy = _like(x, dy)
     dx = torch.empty_like(x)
     g, gt = _typed_param(weight, c, _arith(x.dtype))
@@ -724,8 +728,8 @@ def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tenso
     db, bt = _grad_out(dbeta, c, bias_dtype, 0, x.dtype)
     p, numel = stats.data_ptr(), x.numel()
     _fn("batch_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel // (n * c), layout(x),
-                                   _ptr(g), gt, p, p + 16 * c, _MODES[mode], float(count or 0.0), _ptr(dg), _ptr(db),
-                                   bt, _threads(numel))
+                                   _ptr(g), gt, p, p + 16 * c, _MODES[mode], float(count or 0.0),
+                                   p + 24 * c if renorm else None, _ptr(dg), _ptr(db), bt, _threads(numel))
     return dx, dg, db
 
 

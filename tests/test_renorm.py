@@ -69,10 +69,15 @@ def _paper_brn(x, gamma, beta, mu, var, eps, r_max, d_max):
     return gamma.view(shape) * (x_hat * r.view(shape) + d.view(shape)) + beta.view(shape), r, d
 
 
-@pytest.mark.parametrize("shape", [(6, 4), (3, 4, 5, 2)])
-def test_training_step_matches_paper_algorithm_with_clipping_active(shape):
+@pytest.mark.parametrize("shape, channels_last", [((6, 4), False), ((3, 4, 5, 2), False), ((3, 4, 5, 2), True),
+                                                  ((16, 4, 32, 33), False), ((16, 4, 32, 33), True)])
+def test_training_step_matches_paper_algorithm_with_clipping_active(shape, channels_last):
+    # (16, 4, 32, 33): large enough for the kernels' threads
     gen = torch.Generator().manual_seed(1)
-    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1).requires_grad_()
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     gamma = (torch.rand(4, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
     beta = torch.randn(4, generator=gen, dtype=torch.float64).requires_grad_()
     mu = torch.tensor([0.0, 3.0, -4.0, 1.0], dtype=torch.float64)  # far from the batch: d clips at +-d_max

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from normzoo import _checks, kernels, native
 from normzoo._autograd import lean_apply, once_differentiable
-from normzoo.channel_norm import Policy, channel_norm, fixed_affine
+from normzoo.channel_norm import Policy, channel_norm, fixed_affine, fused_backward
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
 from normzoo.running import update_running_stats
@@ -79,35 +79,28 @@ def renorm_correction(batch_mean: Tensor, batch_var: Tensor, running_mean: Tenso
 class _BatchRenormFn(torch.autograd.Function):
     """Batch Renorm in training as one native call each way: the BatchNorm kernels with weight ``gamma r`` and
     bias ``beta + gamma d``, ``r``/``d`` computed per channel inside the forward kernel (from the running
-    statistics read before the kernel updates them). ``out`` receives ``r``, ``d`` (``acc`` dtype)."""
+    statistics read before the kernel updates them), and BatchNorm's backward kernel with the weight ``gamma r``,
+    which also forms ``dgamma = r sum dy x_hat + d sum dy`` (``dbeta = sum dy``). ``out`` receives the forward's
+    float64 ``(5, C)`` block (mean, M2, rstd, r, d); nothing else is made per step."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
                 running_var: Tensor, momentum: float, eps: float, r_max: float, d_max: float, out: list) -> Tensor:
         y, stats = native.batch_renorm_forward(x, weight, bias, eps, running_mean, running_var, momentum, r_max,
                                                d_max)
-        acc = accumulation_dtype(x.dtype)
-        r_acc, d_acc = stats[3].to(acc), stats[4].to(acc)
-        w_eff = r_acc if weight is None else weight.detach().to(acc) * r_acc
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        ctx.weight_dtype = weight.dtype if weight is not None else None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(x, w_eff, stats, r_acc, d_acc)
-        out += [r_acc, d_acc]
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, stats)
+        out.append(stats)
         return y
 
     @staticmethod
     @once_differentiable  # r, d and the statistics are constants here: no silent wrong second derivative
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
-        x, w_eff, stats, r, d = ctx.saved_tensors
-        native.wake_workers(x)
-        want_w, want_b = ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        # y = (gamma r) x_hat + (beta + gamma d): BatchNorm's backward with weight gamma r, and
-        # dgamma = r sum dy x_hat + d sum dy, dbeta = sum dy
-        dx, dw, db = native.batch_backward(dy, x, w_eff, stats, "standard", want_w, want_w or want_b)
-        dweight = (dw * r + db * d).to(ctx.weight_dtype) if want_w else None
-        dbias = db.to(ctx.bias_dtype) if want_b else None
-        return dx, dweight, dbias, None, None, None, None, None, None, None
+        def kernel(x: Tensor, weight: Optional[Tensor], stats: Tensor, dgamma: bool, dbeta: bool) -> Tuple:
+            return native.batch_backward(dy, x, weight, stats, "standard", dgamma, dbeta, bias_dtype=ctx.bias_dtype,
+                                         renorm=True)
+
+        return (*fused_backward(ctx, kernel), None, None, None, None, None, None, None)
 
 
 _renorm_apply = lean_apply(_BatchRenormFn)
@@ -115,8 +108,9 @@ _renorm_apply = lean_apply(_BatchRenormFn)
 
 def _batch_renorm(name: str, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                   weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float, eps: float,
-                  r_max: float, d_max: float) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Batch renorm; returns ``(y, r, d)`` (``r``, ``d`` are None in eval)."""
+                  r_max: float, d_max: float) -> Tuple[Tensor, Optional[Tensor]]:
+    """Batch renorm; returns ``(y, rd)``: ``rd`` a ``(k, C)`` tensor whose last two rows are ``r`` and ``d``
+    (the native forward's statistics block, or the two alone), None in eval."""
     _checks.check_input(name, input, (2, 3, 4, 5), shape_hint="(N, C, *spatial)")
     return _batch_renorm_checked_input(name, input, running_mean, running_var, weight, bias, training, momentum, eps,
                                        r_max, d_max)
@@ -125,7 +119,7 @@ def _batch_renorm(name: str, input: Tensor, running_mean: Optional[Tensor], runn
 def _batch_renorm_checked_input(name: str, input: Tensor, running_mean: Optional[Tensor],
                                 running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                                 training: bool, momentum: float, eps: float, r_max: float,
-                                d_max: float) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                                d_max: float) -> Tuple[Tensor, Optional[Tensor]]:
     """:func:`_batch_renorm` of an input whose rank and dtype a module has checked (before it counted the batch)."""
     _checks.check_eps(name, eps)
     r_max, d_max = _check_limits(name, r_max, d_max)
@@ -135,13 +129,13 @@ def _batch_renorm_checked_input(name: str, input: Tensor, running_mean: Optional
     if running_mean is None or running_var is None:
         raise ValueError(f"{name}: batch renormalization needs running_mean and running_var (got None)")
     if not training:
-        return fixed_affine(input, running_mean, running_var, weight, bias, eps), None, None
+        return fixed_affine(input, running_mean, running_var, weight, bias, eps), None
     _checks.check_batch_stats(name, input, input.numel() // c if input.numel() else 0)
     if native.supports(input) and native.running_update_applies(running_mean, running_var):
         native.wake_workers(input)
         out: list = []
         y = _renorm_apply(input, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max, out)
-        return (y, *out)
+        return y, out[0]
     p = kernels.prepare(input)
     batch = p.rows.reduce(0)  # (C,), count N * prod(S); float64 when rows were centred (see kernels.prepare)
     r, d = renorm_correction(batch.mean, batch.var(0), running_mean, running_var, eps, r_max, d_max)
@@ -156,7 +150,7 @@ def _batch_renorm_checked_input(name: str, input: Tensor, running_mean: Optional
         b = b + bias.to(b.dtype)
     y, _ = channel_norm(input, w, b, Policy("batch"), eps, prepared=p)
     update_running_stats(running_mean, running_var, batch, momentum)
-    return y, r, d
+    return y, torch.stack([r, d])
 
 
 def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
@@ -197,8 +191,24 @@ class _BatchRenorm(NormBase):
                              "track_running_stats must be True")
         self.r_max, self.d_max = _check_limits(name, r_max, d_max)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self.last_r: Optional[Tensor] = None
-        self.last_d: Optional[Tensor] = None
+        self._last_rd: Optional[Tuple[Tensor, torch.dtype]] = None  # (the step's rd, the input's dtype)
+
+    @property
+    def last_r(self) -> Optional[Tensor]:
+        """``r`` of the last training step (detached, ``(C,)``, in the input's accumulation dtype); None before one."""
+        return self._last_correction(-2)
+
+    @property
+    def last_d(self) -> Optional[Tensor]:
+        """``d`` of the last training step (as :attr:`last_r`)."""
+        return self._last_correction(-1)
+
+    def _last_correction(self, row: int) -> Optional[Tensor]:
+        # made on access from the step's block: a training step pays for no conversion it may never need
+        if self._last_rd is None:
+            return None
+        rd, dtype = self._last_rd
+        return rd[row].to(accumulation_dtype(dtype))
 
     def set_limits(self, r_max: float, d_max: float) -> None:
         """Set the clipping limits used from the next training step on (``r_max >= 1``, ``d_max >= 0``)."""
@@ -212,10 +222,10 @@ class _BatchRenorm(NormBase):
         if self.training:
             self._check_batch_stats(x)
         factor = self._momentum_factor()
-        y, r, d = _batch_renorm_checked_input(type(self).__name__, x, self.running_mean, self.running_var, self.weight,
-                                              self.bias, self.training, factor, self.eps, self.r_max, self.d_max)
+        y, rd = _batch_renorm_checked_input(type(self).__name__, x, self.running_mean, self.running_var, self.weight,
+                                            self.bias, self.training, factor, self.eps, self.r_max, self.d_max)
         if self.training:
-            self.last_r, self.last_d = r, d
+            self.__dict__["_last_rd"] = (rd, x.dtype)  # past nn.Module.__setattr__'s checks, once per step
         return y
 
 
