@@ -10,7 +10,8 @@ differences we want to see. The rules this module implements (see DESIGN.md, "Me
 * **Threads.** :func:`torch_threads` fixes ``torch.set_num_threads`` for the run and restores it after.
 * **Interleaved rounds.** :func:`interleaved` runs the contenders A, B, C, A, B, C, ... (rotating which
   goes first), so slow drifts in the machine's load hit every contender alike; the statistic is the median.
-  Cheap contenders are called a few times in a row per round (more samples for the same time). A short
+  Cheap contenders may be called a few times in a row per round (``max_repeats``: more samples for the same
+  time, but on caches their own previous call warmed; ``normzoo bench`` calls every contender once). A short
   untimed pause before each call lets every contender's worker threads go to sleep first, so none is slowed
   by another's spinning threads (:data:`SETTLE_S`).
 * **Load.** :class:`CpuMeter` measures how much CPU *other* processes used while we ran (from

@@ -10,6 +10,13 @@ set of interleaved rounds (:func:`normzoo.bench.harness.interleaved`). Modules a
 target are allocated once per group and reused; every contender runs once while the group is prepared
 (first calls, page faults), so by default no further warm-up round is needed.
 
+Every contender is called once per round (:data:`CALLS_PER_ROUND`), the copy included, so that all of them
+run under the same conditions: after the same pause, behind another contender. A cheap contender called
+several times in a row runs its later calls on caches its own previous call left warm; with that, the copy's
+bandwidth at one tensor size had come out 16 to 29 GB/s (8x256x14x14 float32, 2 threads) depending on which
+contenders shared its group, and a layer next to a slow paper-formula baseline had more such calls than one next
+to torch's.
+
 The time budget is shared out over the groups, cheapest first, so that what a small group leaves
 unused goes to the big ones; each group gets at least ``min_rounds`` and at most ``rounds`` rounds.
 """
@@ -28,6 +35,9 @@ from normzoo.bench.cases import LayerSpec, Shape
 from normzoo.bench.memory import count_saved
 from normzoo.bench.results import Row, Timing
 from normzoo.bench.targets import checks, summary
+
+#: Calls of each contender per timed round (see the module doc): one, the same for all.
+CALLS_PER_ROUND = 1
 
 Progress = Callable[[str], None]
 
@@ -236,9 +246,9 @@ def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequen
                 meter = harness.CpuMeter().start()
                 t_timed = time.perf_counter()
                 times = harness.interleaved(contenders, rounds, warmup, budget_s=share, min_rounds=min_rounds,
-                                            settle_s=harness.SETTLE_S)
+                                            max_repeats=CALLS_PER_ROUND, settle_s=harness.SETTLE_S)
                 timed = time.perf_counter() - t_timed
-                n_rounds = min(len(v) for v in times.values())  # the most expensive contender runs once a round
+                n_rounds = min(len(v) for v in times.values())
                 if budget_left is not None:
                     budget_left -= timed
                 _fill(members, times, n_rounds, meter.stop().others_cores)
