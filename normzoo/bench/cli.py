@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-rounds", type=int, default=3, help="at least this many timed rounds (default: 3)")
     p.add_argument("--warmup", type=int, default=0,
                    help="untimed rounds after every contender's first call (default: 0)")
-    p.add_argument("--budget", type=float, default=10.0,
-                   help="seconds of timed rounds shared over all cases; 0 = always --rounds (default: 10)")
+    p.add_argument("--budget", type=float, default=25.0,
+                   help="seconds of timed rounds shared over all cases; 0 = always --rounds (default: 25)")
     p.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
                    help="tuned: keep freed memory and avoid fresh mmap pages (glibc mallopt); default: leave it")
     p.add_argument("--omp-wait", choices=OMP_WAIT_CHOICES,

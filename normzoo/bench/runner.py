@@ -180,7 +180,7 @@ def _fill(members: Sequence[_Member], times: Dict[str, List[float]], rounds: int
 def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequence[int]]] = None,
         dtypes: Optional[Sequence[str]] = None, memory_formats: Optional[Sequence[str]] = None, *,
         threads: Optional[int] = 2, rounds: int = 15, min_rounds: int = 3, warmup: int = 0,
-        budget_s: Optional[float] = 10.0, allocator: str = "tuned", quick: bool = False,
+        budget_s: Optional[float] = 25.0, allocator: str = "tuned", quick: bool = False,
         specs: Optional[Sequence[LayerSpec]] = None, seed: int = 0,
         progress: Optional[Progress] = None) -> BenchResult:
     """Benchmark normzoo's layers against torch.nn / paper-formula baselines; return a :class:`BenchResult`.
