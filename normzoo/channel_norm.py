@@ -409,4 +409,5 @@ def fixed_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
     return torch.addcmul(b.to(x.dtype).view(shape), x, a.to(x.dtype).view(shape))
 
 
-__all__ = ["Policy", "channel_norm", "fused_backward", "batch_stats_norm", "sample_norm", "fixed_affine", "batch_or_running", "native_batch_or_running", "BatchStatistics"]
+__all__ = ["Policy", "channel_norm", "fused_backward", "batch_stats_norm", "sample_norm", "fixed_affine",
+           "batch_or_running", "native_batch_or_running", "BatchStatistics"]

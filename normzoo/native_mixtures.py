@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from normzoo import native
+from normzoo._autograd import grad_as
 from normzoo.native import _ptr, _running_type
 
 _P, _I64, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
@@ -42,15 +43,11 @@ def _typed(t: Optional[Tensor], size: int) -> Tuple[Optional[Tensor], int]:
 
 def _grad_buffer(dtype: Optional[torch.dtype], size: int, wanted: bool) -> Tuple[Optional[Tensor], int]:
     """Where a kernel writes a parameter's gradient: a ``(size,)`` tensor of the parameter's ``dtype`` (float64
-    for a dtype the kernels do not write; :func:`_as_param` converts it), with its type code; ``(None, 0)`` for
+    for a dtype the kernels do not write; :func:`normzoo._autograd.grad_as` converts it), with its type code; ``(None, 0)`` for
     no parameter or an unwanted gradient."""
     if dtype is None or not wanted:
         return None, 0
     return native._typed_buffer(dtype, size, torch.float64)
-
-
-def _as_param(grad: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
-    return grad if grad is None or dtype is None or grad.dtype == dtype else grad.to(dtype)
 
 
 def dtypes(*params: Optional[Tensor]) -> Tuple[Optional[torch.dtype], ...]:
@@ -99,7 +96,7 @@ def switch_backward(dy: Tensor, x: Tensor, keep: Tensor, use_batch: bool, weight
     _fn("switch_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, l, lay, int(use_batch), _ptr(g), gt,
                                     keep.data_ptr(), tmp.data_ptr(), *[v for t, code in outs for v in (_ptr(t), code)],
                                     native._threads(x.numel()))
-    return (dx, *(_as_param(t, dt) for (t, _), dt in zip(outs, param_dtypes)))
+    return (dx, *(grad_as(t, dt) for (t, _), dt in zip(outs, param_dtypes)))
 
 
 # -- Batch-Instance Normalization: moments, blend algebra, affine map (and back) in one call each way -----
@@ -136,7 +133,7 @@ def bin_backward(dy: Tensor, x: Tensor, keep: Tensor, use_batch: bool, weight: O
     _fn("bin_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, l, lay, int(use_batch), _ptr(g), gt,
                                  keep.data_ptr(), tmp.data_ptr(), *[v for t, code in outs for v in (_ptr(t), code)],
                                  native._threads(x.numel()))
-    return (dx, *(_as_param(t, dt) for (t, _), dt in zip(outs, param_dtypes)))
+    return (dx, *(grad_as(t, dt) for (t, _), dt in zip(outs, param_dtypes)))
 
 
 __all__ = ["switch_forward", "switch_backward", "bin_forward", "bin_backward", "dtypes"]

@@ -107,9 +107,13 @@ class Row:
     def gbps_fwd(self) -> Optional[float]:
         return _div(2 * self.tensor_bytes / 1e9, self.normzoo.fwd_s)
 
+    def _floor_gbps_fb(self, seconds: Optional[float]) -> Optional[float]:
+        """The forward+backward traffic floor (5 x tensor bytes) moved in ``seconds``, in GB/s."""
+        return _div(5 * self.tensor_bytes / 1e9, seconds)
+
     @property
     def gbps_fb(self) -> Optional[float]:
-        return _div(5 * self.tensor_bytes / 1e9, self.normzoo.fb_s)
+        return self._floor_gbps_fb(self.normzoo.fb_s)
 
     @property
     def copy_gbps(self) -> Optional[float]:
@@ -127,7 +131,7 @@ class Row:
     def baseline_copy_fraction_fb(self) -> Optional[float]:
         """The baseline's forward+backward bandwidth (same floor) as a fraction of the copy bandwidth: a speedup
         of ``k`` over it needs ``k`` times this fraction."""
-        return _div(_div(5 * self.tensor_bytes / 1e9, self.baseline.fb_s), self.copy_gbps)
+        return _div(self._floor_gbps_fb(self.baseline.fb_s), self.copy_gbps)
 
     @property
     def vs_bn(self) -> Optional[float]:

@@ -176,7 +176,8 @@ class _S0Native(torch.autograd.Function):
         native.wake_workers(x)
         dx, dg, db, dv = native_evonorm.s0_backward(dy, x, ctx.groups, weight, v, mean, rstd,
                                                     _wanted(ctx))
-        return (dx if ctx.needs_input_grad[0] else None, grad_as(dg, weight), grad_as(db, bias), grad_as(dv, v), None, None)
+        return (dx if ctx.needs_input_grad[0] else None, grad_as(dg, weight), grad_as(db, bias), grad_as(dv, v), None,
+                None)
 
 
 class _B0Native(torch.autograd.Function):
@@ -210,8 +211,8 @@ class _B0Native(torch.autograd.Function):
         state = native_evonorm.B0State(buf, *ctx.nc)
         dx, dg, db, dv = native_evonorm.b0_backward(dy, x, weight, v, state, ctx.use_batch,
                                                     _wanted(ctx))
-        return (dx if ctx.needs_input_grad[0] else None, grad_as(dg, weight), grad_as(db, bias), grad_as(dv, v), None, None,
-                None)
+        return (dx if ctx.needs_input_grad[0] else None, grad_as(dg, weight), grad_as(db, bias), grad_as(dv, v), None,
+                None, None)
 
 
 def _check_common(name: str, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
