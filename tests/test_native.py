@@ -763,6 +763,23 @@ def test_batch_norm_channels_last_with_many_channels_equals_fallback(shape, fall
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4 * (1 + float(r.abs().max())))
 
 
+@pytest.mark.parametrize("name", ["bn", "mbn", "brn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+# contiguous BatchNorm runs per thread over blocks of channels (2 channels of 1056 values here), each block's
+# output (dx) pass interleaved with the next block's sums: 7 channels on one thread end on a block of one;
+# 17 on 2 threads give the threads 8 and 9, so one of them also ends short, and 1 channel is a lone block
+@pytest.mark.parametrize("shape, threads", [((3, 7, 32, 33), 1), ((4, 17, 32, 33), 2), ((3, 1, 32, 33), 1)])
+def test_batch_norm_channel_blocks_equal_fallback(name, dtype, shape, threads, fallback, threads_kind):
+    torch.set_num_threads(threads)  # the `threaded` fixture restores the count
+    x, w, b, g = _inputs(shape, dtype, False, seed=7)
+    ours = _fwd_bwd(LAYERS[name], x, w, b, g)
+    ref = fallback(_fwd_bwd, LAYERS[name], *(t.double() for t in (x, w, b, g)))
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    for i, (a, r) in enumerate(zip(ours, ref)):
+        t = tol if i < 2 else max(tol, 1e-5)  # parameter gradients: sums over the whole batch
+        torch.testing.assert_close(a.double(), r, rtol=t, atol=t * (1 + float(r.abs().max())) if i >= 2 else t)
+
+
 _CORE_WITH_PARAMS = {
     "bn": lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
     "gn": lambda x, w, b: F.group_norm(x, 2, w, b),
