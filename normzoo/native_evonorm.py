@@ -1,4 +1,5 @@
-"""Native CPU kernels of EvoNorm-S0 and EvoNorm-B0 (``normzoo/_native/evonorm.c.in``), called through ctypes.
+"""Native CPU kernels of EvoNorm-S0 and EvoNorm-B0 (``normzoo/_native/evonorm.c.in``), through
+:func:`normzoo.native.entry`.
 
 Built into the same library as the core kernels (:mod:`normzoo.native`); the caller checks
 :func:`normzoo.native.supports` first. ``x`` is ``(N, C, *S)`` contiguous or channels_last (a contiguous
@@ -34,13 +35,8 @@ _SIGNATURES = {  # {suf}: one function per dtype
 }
 
 
-def _lib() -> ctypes.CDLL:
-    """The kernel library with this module's functions declared."""
-    return native.declared(_SIGNATURES)
-
-
 def _fn(name: str, dtype: torch.dtype):
-    return getattr(_lib(), f"nz_{name}_{_TYPES[dtype][0]}")
+    return native.entry(f"nz_{name}_{{suf}}", dtype, _SIGNATURES)
 
 
 def _grads(c: int, dtype: torch.dtype, wanted: Tuple[bool, ...]) -> Tuple[Optional[Tensor], ...]:

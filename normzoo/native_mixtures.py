@@ -1,4 +1,4 @@
-"""The mixture norms on the native kernels (``normzoo/_native/mixtures.c.in``), one ctypes call each way.
+"""The mixture norms on the native kernels (``normzoo/_native/mixtures.c.in``), one kernel call each way.
 
 Switchable Normalization mixes IN, LN and BN statistics with softmax weights; Batch-Instance Normalization
 blends BN and IN with a clamped gate. Both start from the per-(n, c) moments of the input and end in a
@@ -33,7 +33,7 @@ _SIGNATURES = {
 
 
 def _fn(name: str, dtype: torch.dtype):
-    return getattr(native.declared(_SIGNATURES), f"nz_{name}_{native._TYPES[dtype][0]}")
+    return native.entry(f"nz_{name}_{{suf}}", dtype, _SIGNATURES)
 
 
 def _typed(t: Optional[Tensor], size: int) -> Tuple[Optional[Tensor], int]:

@@ -385,6 +385,72 @@ def test_where_jobs_run_is_chosen_at_load(env, want):
     assert out.stdout.strip().startswith(want), out.stdout + out.stderr
 
 
+def test_kernels_are_called_through_compiled_entry_points_where_python_headers_exist():
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    if native._python_include() is None:
+        assert native.entry_points().startswith("ctypes (Python's C headers")
+        return
+    assert native.entry_points() == "compiled"
+    assert type(native._fn("batch_forward", torch.float32)).__name__ == "builtin_function_or_method"
+
+
+def test_entry_points_take_and_refuse_what_ctypes_does():
+    """The compiled entry point and the ctypes function of a kernel give the same results from the same arguments
+    (a NULL pointer as None, a Python int for an int64), and a wrong count or type of argument is a TypeError."""
+    if native.entry_points() != "compiled":
+        pytest.skip(f"no compiled entry points: {native.entry_points()}")
+    x = torch.randn(3, 5, 7, dtype=torch.float64)
+    outs = []
+    for fn in (native._fn("moments", torch.float64), native.library().nz_moments_f64):
+        mean, m2 = torch.empty(3, 5, dtype=torch.float64), torch.empty(3, 5, dtype=torch.float64)
+        assert fn(x.data_ptr(), 3, 5, 7, 0, mean.data_ptr(), m2.data_ptr(), 1) is None
+        outs.append((mean, m2))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0][0], x.mean(2))
+    fn = native._fn("moments", torch.float64)
+    with pytest.raises(TypeError, match="nz_moments_f64: expected 8 arguments, got 7"):
+        fn(x.data_ptr(), 3, 5, 7, 0, None, None)
+    with pytest.raises(TypeError):
+        fn(x.data_ptr(), 3.0, 5, 7, 0, None, None, 1)  # a float for an int64, as ctypes refuses it
+    merge = native.entry("nz_window_merge", signatures={"nz_window_merge": ([native._I64] * 2 + [native._I]
+                                                                            + [native._P] * 5, native._D)})
+    count, mean, var = torch.tensor([4.0, 6.0]), torch.zeros(2, 3), torch.ones(2, 3)
+    out = torch.empty(2, 3, dtype=torch.float64)
+    total = merge(2, 3, native._RUNNING_TYPES[torch.float32], count.data_ptr(), mean.data_ptr(), var.data_ptr(),
+                  out.data_ptr(), out.data_ptr() + 24)
+    assert isinstance(total, float) and total == 10.0  # a double result comes back as a float
+
+
+def test_layers_run_through_ctypes_without_the_entry_points():
+    """NORMZOO_ENTRY_POINTS=0 (as where Python's C headers are missing): the kernels are built without the entry
+    points and called through ctypes, with the same results."""
+    import os
+    import subprocess
+    import sys
+
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    code = (
+        "import torch, normzoo\n"
+        "from normzoo import native\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(4, 6, 5, 5, requires_grad=True)\n"
+        "m = normzoo.create('bn2d', 6)\n"
+        "y = m(x); y.backward(torch.ones_like(y))\n"
+        "print(native.entry_points(), type(native._fn('batch_forward', torch.float32)).__name__)\n"
+        "print(repr(float(y.square().sum())), repr(float(x.grad.abs().sum())))\n"
+    )
+    runs = {}
+    for flag in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NORMZOO_ENTRY_POINTS": flag},
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        runs[flag] = out.stdout.splitlines()
+    assert runs["0"][0] == "ctypes (disabled by NORMZOO_ENTRY_POINTS=0) _FuncPtr"
+    assert runs["0"][1] == runs["1"][1]
+
+
 def test_wake_workers_wakes_the_sleeping_pool():
     """A layer wakes the pool as its Python code begins: a sleeping worker comes out of its wait."""
     if native.library() is None:
