@@ -143,7 +143,8 @@ def test_checks_mark_pass_and_miss():
     # speedup 1.8 < 2 (formula); copy: (5/0.005)/(2/0.001) = 0.5 -> met; vs_bn 1.11 <= 1.3; saved over
     assert got == {"speedup": False, "copy": True, "vs_bn": True, "saved": False}
     summ = targets.summary([row, _row(error="boom")])
-    assert summ["speedup"] == {"passed": 0, "missed": 1, "unmeasured": 0, "beyond_copy": 0}
+    assert summ["speedup"] == {"passed": 0, "missed": 1, "unmeasured": 0, "beyond_copy": 0,
+                               "beyond_copy_beside_empty": 0}
     unmeasured = targets.checks(_row(normzoo=Timing(0.001, 0.002)))
     assert {c.key: c.passed for c in unmeasured} == {"speedup": None, "copy": None}
 
@@ -168,8 +169,40 @@ def test_a_missed_speedup_says_what_fraction_of_copy_it_would_take():
     short = next(c for c in targets.checks(slow) if c.key == "speedup")
     assert short.passed is False and not short.beyond_copy and "copy" not in short.describe()
     summ = targets.summary([far, reachable])
-    assert summ["speedup"] == {"passed": 1, "missed": 1, "unmeasured": 0, "beyond_copy": 1}
+    assert summ["speedup"] == {"passed": 1, "missed": 1, "unmeasured": 0, "beyond_copy": 1,
+                               "beyond_copy_beside_empty": 0}
     assert next(c for c in targets.checks(_row(layer="in2d")) if c.key == "speedup").needs_copy is None
+
+
+def test_a_miss_says_when_the_fixed_cost_of_an_autograd_step_leaves_too_little_time():
+    # copy 1 ms -> the traffic floor at copy speed 2.5 ms; 50% of copy is a 5 ms step. With an empty step of 2 ms
+    # the kernels have 3 ms: 83% of copy (reachable); with 3 ms, 2 ms: 125% (not); with 6 ms, no time at all
+    def row(empty_s, fb_s=0.006, base_s=0.008):
+        return _row(layer="in2d", normzoo=Timing(0.001, fb_s), baseline=Timing(0.002, base_s), copy_s=0.001,
+                    empty_fb_s=empty_s)
+
+    def check(r, key):
+        return next(c for c in targets.checks(r) if c.key == key)
+
+    assert row(0.002).floor_at_copy_s == pytest.approx(0.0025)
+    assert row(0.002).empty_fraction == pytest.approx(0.002 / 0.006)
+    reachable = check(row(0.002), "copy")
+    assert reachable.passed is False and reachable.needs_copy_beside_empty == pytest.approx(2.5 / 3)
+    assert not reachable.beyond_copy_beside_empty and "empty" not in reachable.describe()
+    short = check(row(0.003), "copy")
+    assert short.needs_copy_beside_empty == pytest.approx(1.25) and short.beyond_copy_beside_empty
+    assert "needs 125% of copy beside an empty autograd step" in short.describe()
+    assert "alone takes longer" in check(row(0.006), "copy").describe()
+    # speedup 2x of an 8 ms baseline: 4 ms; an empty step of 3 ms leaves 1 ms for a 2.5 ms floor
+    speedup = check(row(0.003), "speedup")
+    assert speedup.passed is False and speedup.needs_copy == pytest.approx(2.5 / 4)
+    assert speedup.needs_copy_beside_empty == pytest.approx(2.5) and speedup.beyond_copy_beside_empty
+    # where the copy bandwidth alone is beyond reach, that is what is said (and counted)
+    far = check(row(0.003, base_s=0.004), "speedup")
+    assert far.beyond_copy and not far.beyond_copy_beside_empty and "beside" not in far.describe()
+    summ = targets.summary([row(0.003), row(0.002), row(0.003, base_s=0.004)])
+    assert summ["copy"]["beyond_copy_beside_empty"] == 2 and summ["speedup"]["beyond_copy"] == 1
+    assert check(_row(layer="in2d", normzoo=Timing(0.001, 0.006), copy_s=0.001), "copy").needs_copy_beside_empty is None
 
 
 def test_bfloat16_rows_keep_not_slower_and_their_own_target():
@@ -316,6 +349,13 @@ def test_copy_contender_copies():
     assert torch.equal(fn(), x)
 
 
+def test_empty_step_contender_makes_outputs_and_gradients_of_the_right_shapes():
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    w = torch.ones(3, requires_grad=True)
+    dx, dw = harness.empty_step_contender(x, torch.randn(2, 3, 4), [w])()
+    assert dx.shape == x.shape and dw.shape == w.shape
+
+
 def test_allocator_and_threads_are_reported_and_restored():
     assert harness.configure_allocator("default")["applied"] is False
     with pytest.raises(ValueError, match="allocator"):
@@ -430,6 +470,7 @@ def test_run_structure_with_torch_contenders(tmp_path):
         assert len(r.baseline.fb_runs) == 2 and r.baseline.fwd_s is None and r.ratio_fwd is None
         assert r.normzoo.fb_s == pytest.approx(statistics.median(r.normzoo.fb_runs))
         assert r.ratio_fb == pytest.approx(r.baseline.fb_s / r.normzoo.fb_s)
+        assert r.empty_fb_s is not None and 0 < r.empty_fb_s and r.empty_fraction is not None
         assert r.saved is not None and r.saved.saves_input
         assert (r.reference_fb_s is not None) == (r.layer == "brn2d")
         assert (r.fp32_fb_s is not None) == (r.dtype == "bfloat16")
@@ -446,7 +487,9 @@ def test_run_structure_with_torch_contenders(tmp_path):
     row = data["rows"][0]
     assert {"layer", "shape", "dtype", "memory_format", "normzoo", "baseline", "copy_s", "saved", "derived",
             "targets", "baseline_label", "rounds", "tensor_bytes"} <= set(row)
-    assert {"ratio_fb", "gbps_fb", "copy_gbps", "copy_fraction_fb", "vs_bn", "bf16_vs_fp32"} <= set(row["derived"])
+    assert {"ratio_fb", "gbps_fb", "copy_gbps", "copy_fraction_fb", "empty_fraction", "vs_bn",
+            "bf16_vs_fp32"} <= set(row["derived"])
+    assert {"needs_copy", "needs_copy_beside_empty"} <= set(row["targets"][0])
 
     table = res.table()
     for name in ("bn2d", "gn", "brn2d", "ln", "speedup", "%copy", "targets:", "load"):

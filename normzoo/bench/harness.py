@@ -33,6 +33,8 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import torch
 
+from normzoo._autograd import lean_apply, once_differentiable
+
 ALLOCATOR_MODES = ("tuned", "default")
 #: Untimed pause before each timed call (seconds): longer than the 100 us that normzoo's native worker
 #: threads spin after a kernel, so that no contender runs while another's threads still spin.
@@ -214,6 +216,38 @@ def copy_contender(x: torch.Tensor) -> Tuple[Contender, int]:
     return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()
 
 
+class _EmptyOp(torch.autograd.Function):
+    """An autograd op that does nothing but make its outputs: forward ``y`` like ``x`` (saving ``x`` and the
+    parameters, as a normalization layer does), backward ``dx`` like ``dy`` and one gradient like each parameter."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, *params)  # type: ignore[attr-defined]
+        return torch.empty_like(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: object, dy: torch.Tensor) -> Tuple[torch.Tensor, ...]:  # type: ignore[override]
+        x, *params = ctx.saved_tensors  # type: ignore[attr-defined]
+        return (torch.empty_like(dy), *(torch.empty_like(p) for p in params))
+
+
+_empty_apply = lean_apply(_EmptyOp)
+
+
+def empty_step_contender(x: torch.Tensor, dy: torch.Tensor, params: Sequence[torch.Tensor]) -> Contender:
+    """The forward+backward step of an op that does no work (:class:`_EmptyOp`, applied as normzoo's fused ops
+    are), on ``x`` with ``dy`` and gradients for ``params``, timed as a layer's step is: what any layer written
+    as a Python autograd op pays per step before its kernels run (the autograd engine, the op's calls into
+    Python, the allocation of its outputs), the fixed cost that dominates small tensors."""
+    inputs = (x, *params)
+
+    def step() -> object:
+        return torch.autograd.grad(_empty_apply(x, *params), inputs, dy)
+
+    return step
+
+
 def _proc_stat_busy() -> Optional[Tuple[float, float]]:
     """(busy, total) CPU seconds of the whole machine since boot, from ``/proc/stat``; ``None`` if unreadable."""
     try:
@@ -317,4 +351,4 @@ def machine_info() -> Dict[str, object]:
 
 
 __all__ = ["ALLOCATOR_MODES", "configure_allocator", "torch_threads", "gc_paused", "interleaved", "plan_repeats", "plan_rounds",
-           "median", "copy_contender", "CpuMeter", "load_average", "last_level_cache_bytes", "machine_info"]
+           "median", "copy_contender", "empty_step_contender", "CpuMeter", "load_average", "last_level_cache_bytes", "machine_info"]

@@ -12,7 +12,9 @@ Table columns (times are medians in milliseconds; every figure of a row comes fr
 ``bf16/32``           bfloat16 time / float32 time (per element)
 ``busy``              cores other processes kept busy while this row's rounds ran (noise indicator)
 ``targets``           ``ok``, or the targets missed; a value that misses its target ends with ``!``; a missed
-                      speedup says what fraction of the copy bandwidth meeting it would take, where over 100%
+                      speedup says what fraction of the copy bandwidth meeting it would take, where over 100%;
+                      a missed speedup or copy target says the same where it is over 100% only in the time
+                      left after the fixed cost of an autograd step (timed as an op that does no work)
 
 A ``~`` after the shape marks a case whose input and output fit in the last-level cache together: its
 bandwidth is the cache's, not memory's (compare it with the copy column, also cache-resident).
@@ -41,6 +43,17 @@ def _num(value: Optional[float], spec: str, scale: float = 1.0) -> str:
 def _cell(value: Optional[float], spec: str, check: Optional[Check], scale: float = 1.0) -> str:
     text = _num(value, spec, scale)
     return text + "!" if check is not None and check.passed is False else text
+
+
+def _beyond(counts: Dict[str, int]) -> str:
+    """How many of a target's misses no kernel could meet: `` (2 beyond the copy bandwidth, 3 beside an empty
+    autograd step)``, or nothing."""
+    parts = []
+    if counts["beyond_copy"]:
+        parts.append(f"{counts['beyond_copy']} beyond the copy bandwidth")
+    if counts["beyond_copy_beside_empty"]:
+        parts.append(f"{counts['beyond_copy_beside_empty']} beyond it beside an empty autograd step")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _row_cells(row: Row) -> List[str]:
@@ -119,8 +132,7 @@ def format_table(result: "BenchResult") -> str:
                   "and buffers excluded); ~ = fits in cache"]
     summ = summary(result.rows)
     if summ:
-        parts = [f"{k}: {v['passed']} ok, {v['missed']} missed"
-                 + (f" ({v['beyond_copy']} beyond the copy bandwidth)" if v["beyond_copy"] else "")
+        parts = [f"{k}: {v['passed']} ok, {v['missed']} missed" + _beyond(v)
                  + (f", {v['unmeasured']} n/a" if v["unmeasured"] else "")
                  for k, v in summ.items()]
         lines.append("targets: " + "; ".join(parts))

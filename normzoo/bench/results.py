@@ -10,6 +10,10 @@ Derived quantities (all from medians measured in the same interleaved rounds):
 * ``copy_gbps = 2 * bytes / t_copy``: the machine's copy bandwidth at the same size, measured in the same
   rounds; ``copy_fraction_fwd``/``copy_fraction_fb``: effective bandwidth as a fraction of it, and
   ``baseline_copy_fraction_fb`` the baseline's (so a speedup of ``k`` needs ``k`` times that fraction).
+* ``empty_fraction``: the forward+backward of an autograd op that does no work on the same tensors
+  (``empty_fb_s``) / normzoo's: the share of the step that is fixed cost, not traffic. A time target of ``T``
+  then leaves ``T - empty_fb_s`` for the kernels, which would have to move the traffic floor at
+  ``copy_needed_within(T)`` of the copy bandwidth.
 * ``vs_bn``: normzoo forward+backward time / normzoo BatchNorm's at the same shape (BatchNorm family).
 * ``bf16_vs_fp32``: for a bfloat16 row, its forward+backward time / the float32 row's (same element count,
   so this is the per-element ratio; ``<= 1``: bfloat16 is no slower).
@@ -70,6 +74,8 @@ class Row:
     normzoo: Timing = field(default_factory=Timing)
     baseline: Timing = field(default_factory=Timing)
     copy_s: Optional[float] = None
+    #: forward+backward of an op that does no work, on the same tensors (the fixed cost of an autograd op)
+    empty_fb_s: Optional[float] = None
     reference_fb_s: Optional[float] = None
     fp32_fb_s: Optional[float] = None
     saved: Optional[SavedBytes] = None
@@ -134,6 +140,25 @@ class Row:
         return _div(self._floor_gbps_fb(self.baseline.fb_s), self.copy_gbps)
 
     @property
+    def floor_at_copy_s(self) -> Optional[float]:
+        """The forward+backward traffic floor (5 x tensor bytes) moved at the copy bandwidth: the least time any
+        kernels could take (a copy moves 2 x tensor bytes)."""
+        return None if self.copy_s is None else 2.5 * self.copy_s
+
+    @property
+    def empty_fraction(self) -> Optional[float]:
+        """The step of an op that does no work, as a fraction of normzoo's forward+backward time."""
+        return _div(self.empty_fb_s, self.normzoo.fb_s)
+
+    def copy_needed_within(self, seconds: Optional[float]) -> Optional[float]:
+        """The fraction of the copy bandwidth at which kernels would have to move the traffic floor for a step to
+        take ``seconds`` with the empty step's fixed cost on top (``inf`` where that cost alone is as long)."""
+        if seconds is None or self.floor_at_copy_s is None or self.empty_fb_s is None:
+            return None
+        left = seconds - self.empty_fb_s
+        return self.floor_at_copy_s / left if left > 0 else math.inf
+
+    @property
     def vs_bn(self) -> Optional[float]:
         return _div(self.normzoo.fb_s, self.reference_fb_s)
 
@@ -153,7 +178,7 @@ class Row:
 
     def derived(self) -> Dict[str, Optional[float]]:
         names = ("ratio_fwd", "ratio_fb", "gbps_fwd", "gbps_fb", "copy_gbps", "copy_fraction_fwd", "copy_fraction_fb",
-                 "baseline_copy_fraction_fb", "vs_bn", "bf16_vs_fp32", "saved_vs_input")
+                 "baseline_copy_fraction_fb", "empty_fraction", "vs_bn", "bf16_vs_fp32", "saved_vs_input")
         return {n: getattr(self, n) for n in names}
 
     def to_dict(self) -> Dict[str, Any]:

@@ -3,8 +3,9 @@
 Per (layer, shape, memory format) a **group** is timed: for every dtype, normzoo's module forward and
 forward+backward, the baseline's forward+backward (the targets' measure; timing its forward alone too
 would add a third to the cost of the slowest contenders, the paper formulas), a copy of the input (the
-machine's bandwidth at that size), and for the BatchNorm family normzoo's BatchNorm forward+backward, all in one
-set of interleaved rounds (:func:`normzoo.bench.harness.interleaved`). Modules are in training mode;
+machine's bandwidth at that size), the step of an autograd op that does no work (the fixed cost of a layer written
+as one, :func:`normzoo.bench.harness.empty_step_contender`), and for the BatchNorm family normzoo's BatchNorm
+forward+backward, all in one set of interleaved rounds (:func:`normzoo.bench.harness.interleaved`). Modules are in training mode;
 "forward" is the training forward (autograd recording, graph dropped), "forward+backward" is
 ``y = m(x); torch.autograd.grad(y, (x, *params), dy)`` with a fixed ``dy``. Inputs, ``dy`` and the copy
 target are allocated once per group and reused; every contender runs once while the group is prepared
@@ -154,6 +155,9 @@ def _contenders(members: Sequence[_Member]) -> Dict[str, Callable[[], object]]:
         copy = harness.copy_contender(x)[0]
         copy()  # touch the destination's pages before timing
         out[f"{dt}/copy"] = copy
+        empty = harness.empty_step_contender(x, dy, [p for p in subject.parameters() if p.requires_grad])
+        empty()
+        out[f"{dt}/empty/fb"] = empty
         if m.reference is not None:
             out[f"{dt}/reference/fb"] = _train_step(m.reference, x, dy)
     return out
@@ -171,6 +175,7 @@ def _fill(members: Sequence[_Member], times: Dict[str, List[float]], rounds: int
                              times[f"{dt}/normzoo/fb"])
         row.baseline = Timing(fb_s=med[f"{dt}/baseline/fb"], fb_runs=times[f"{dt}/baseline/fb"])
         row.copy_s = med[f"{dt}/copy"]
+        row.empty_fb_s = med.get(f"{dt}/empty/fb")
         row.reference_fb_s = med.get(f"{dt}/reference/fb")
         row.fp32_fb_s = fp32 if dt != "float32" else None
         row.rounds = rounds
