@@ -291,12 +291,26 @@ def test_unknown_layer_is_an_error_and_unwritten_layer_is_skipped():
 
 # ----- the harness ---------------------------------------------------------------------------------------------
 
-def test_interleaved_rotates_and_counts_rounds():
+@pytest.mark.parametrize("n", range(1, 10))
+def test_round_orders_put_every_contender_after_every_other_equally_often(n):
+    rounds = n if n % 2 == 0 else 2 * n
+    follows = {}
+    for r in range(rounds):
+        row = harness.round_order(n, r)
+        assert sorted(row) == list(range(n))
+        for a, b in zip(row, row[1:]):
+            follows[a, b] = follows.get((a, b), 0) + 1
+    assert len(follows) == n * (n - 1) and set(follows.values()) <= {rounds // n}
+
+
+def test_interleaved_changes_the_order_and_counts_rounds():
     calls = []
-    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abcd"}
     times = harness.interleaved(fns, rounds=3, warmup=1, max_repeats=1)
-    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
-    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3, "d": 3}
+    assert calls == list("abdc") + list("abdc") + list("bcad") + list("cdba")
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    calls.clear()
     # a cheap contender is repeated within its turn: 0.5 * 0.102 / (2 * 0.002) = 12.75 -> capped at 8
     assert harness.plan_repeats({"layer": 0.1, "copy": 0.002}) == {"layer": 1, "copy": 8}
     assert harness.plan_repeats({"a": 0.01, "b": 0.01}) == {"a": 1, "b": 1}
@@ -308,7 +322,7 @@ def test_interleaved_rotates_and_counts_rounds():
     calls.clear()
     times = harness.interleaved(fns, rounds=5, warmup=0, budget_s=0.0, min_rounds=2, max_repeats=1)
     assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2, "c": 2}
-    assert calls == list("abc") + list("bca")
+    assert calls == list("abc") + list("bca")  # 3 contenders: rotations, then (from round 3) reversed ones
     with pytest.raises(ValueError, match="rounds"):
         harness.interleaved(fns, rounds=0)
 

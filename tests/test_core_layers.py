@@ -323,3 +323,32 @@ def test_rms_norm_default_eps_is_torchs_for_every_dtype(dtype):
     y, want = ours(x), theirs(x)
     tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
     torch.testing.assert_close(y.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", ["bn2d", "in2d", "gn", "ln2d", "brn2d", "bin2d", "switch2d"])
+def test_parametrized_and_swapped_parameters_reach_the_forward(name):
+    """The layers read their parameters from the module's dictionaries where they are, and through getattr where
+    they are not: a parametrization's weight (torch.nn.utils.parametrize) and torch.func.functional_call's
+    swapped tensors are what the forward uses."""
+    from torch.func import functional_call
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 5, 5)
+    plain, doubled = normzoo.create(name, 8), normzoo.create(name, 8)
+    with torch.no_grad():
+        plain.weight.copy_(torch.rand(8) + 0.5)
+        doubled.weight.copy_(plain.weight / 2)
+    parametrize.register_parametrization(doubled, "weight", Double())
+    torch.testing.assert_close(doubled(x), plain(x))
+    fresh = normzoo.create(name, 8)
+    same = copy.deepcopy(fresh)  # the same running statistics (Batch Renorm's training output depends on them)
+    params = {"weight": torch.rand(8) + 0.5, "bias": torch.randn(8)}
+    with torch.no_grad():
+        same.weight.copy_(params["weight"])
+        same.bias.copy_(params["bias"])
+    torch.testing.assert_close(functional_call(fresh, params, (x,)), same(x))

@@ -8,8 +8,12 @@ differences we want to see. The rules this module implements (see DESIGN.md, "Me
   heap (``M_MMAP_MAX = 0``) and keep freed memory (``M_TRIM_THRESHOLD``, ``M_TOP_PAD``), so after warm-up
   every contender reuses warm pages, as a long training run does. The setting lasts for the process.
 * **Threads.** :func:`torch_threads` fixes ``torch.set_num_threads`` for the run and restores it after.
-* **Interleaved rounds.** :func:`interleaved` runs the contenders A, B, C, A, B, C, ... (rotating which
-  goes first), so slow drifts in the machine's load hit every contender alike; the statistic is the median.
+* **Interleaved rounds.** :func:`interleaved` runs the contenders in rounds, every round in another order
+  (:func:`round_order`: over ``n`` rounds -- ``2n`` for an odd count -- each contender comes right after each
+  other one equally often), so slow drifts in the machine's load hit every contender alike, and so does what
+  the previous call leaves in the caches and thread pools; the statistic is the median. (A plain rotation,
+  A,B,C then B,C,A, keeps every contender behind the same one: measured on 2 cores, the same BatchNorm layer's
+  forward took 53 or 72 us at 2x8x4x4 depending on which contender it followed.)
   Cheap contenders may be called a few times in a row per round (``max_repeats``: more samples for the same
   time, but on caches their own previous call warmed; ``normzoo bench`` calls every contender once). A short
   untimed pause before each call lets every contender's worker threads go to sleep first, so none is slowed
@@ -123,8 +127,8 @@ def interleaved(contenders: Mapping[str, Contender], rounds: int, warmup: int = 
                 max_repeats: int = 8, settle_s: float = 0.0) -> Dict[str, List[float]]:
     """Time the contenders in interleaved rounds; return every timed call, in seconds.
 
-    Round ``r`` runs the contenders in their given order rotated by ``r`` (A,B,C then B,C,A ...), each
-    call timed alone with ``time.perf_counter``. ``warmup`` untimed rounds come first (page faults,
+    Round ``r`` runs the contenders in the order :func:`round_order` gives, each call timed alone with
+    ``time.perf_counter``. ``warmup`` untimed rounds come first (page faults,
     lazy initialisation, caches). From one call of each contender (the last warm-up round, or the first
     timed round when ``warmup=0``) a cheap contender is then called up to ``max_repeats`` times in a row per
     round (:func:`plan_repeats`), so that a 1 ms copy gets as many samples as fit beside a 100 ms layer and
@@ -145,8 +149,7 @@ def interleaved(contenders: Mapping[str, Contender], rounds: int, warmup: int = 
 
     def one_round(r: int, repeats: Mapping[str, int], record: bool) -> Dict[str, float]:
         last = {}
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
+        for name in (names[i] for i in round_order(len(names), r)):
             fn = contenders[name]
             for _ in range(repeats[name]):
                 if settle_s > 0:
@@ -178,6 +181,22 @@ def interleaved(contenders: Mapping[str, Contender], rounds: int, warmup: int = 
         for r in range(start_round, n):
             one_round(r, repeats, record=True)
     return times
+
+
+def round_order(n: int, r: int) -> List[int]:
+    """The order of ``n`` contenders in round ``r``: the rows of a Williams design, in which over ``n`` rounds
+    (``2n`` for odd ``n``) each contender comes right after each other one exactly once (for odd ``n``: twice): row
+    ``r`` is ``0, 1, n-1, 2, n-2, ...`` shifted by ``r``, modulo ``n``, and for odd ``n`` the rows from ``n`` on
+    are reversed."""
+    base, lo, hi = [0], 1, n - 1
+    while len(base) < n:
+        base.append(lo)
+        lo += 1
+        if len(base) < n:
+            base.append(hi)
+            hi -= 1
+    row = [(b + r) % n for b in base]
+    return row[::-1] if n % 2 and (r // n) % 2 else row
 
 
 def plan_repeats(warm_s: Mapping[str, float], max_repeats: int = 8, extra: float = 0.5) -> Dict[str, int]:
@@ -351,4 +370,4 @@ def machine_info() -> Dict[str, object]:
 
 
 __all__ = ["ALLOCATOR_MODES", "configure_allocator", "torch_threads", "gc_paused", "interleaved", "plan_repeats", "plan_rounds",
-           "median", "copy_contender", "empty_step_contender", "CpuMeter", "load_average", "last_level_cache_bytes", "machine_info"]
+           "median", "round_order", "copy_contender", "empty_step_contender", "CpuMeter", "load_average", "last_level_cache_bytes", "machine_info"]
