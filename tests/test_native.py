@@ -831,9 +831,9 @@ def test_batch_norm_channels_last_with_many_channels_equals_fallback(shape, fall
 
 @pytest.mark.parametrize("name", ["bn", "mbn", "brn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-# contiguous BatchNorm runs per thread over blocks of channels (2 channels of 1056 values here), each block's
-# output (dx) pass interleaved with the next block's sums: 7 channels on one thread end on a block of one;
-# 17 on 2 threads give the threads 8 and 9, so one of them also ends short, and 1 channel is a lone block
+# contiguous BatchNorm runs per thread over blocks of channels (2 channels of 1056 values here), statistics then
+# output per block: 7 channels on one thread end on a block of one; 17 on 2 threads give the threads 8 and 9, so
+# one of them also ends short; 1 channel is a lone block
 @pytest.mark.parametrize("shape, threads", [((3, 7, 32, 33), 1), ((4, 17, 32, 33), 2), ((3, 1, 32, 33), 1)])
 def test_batch_norm_channel_blocks_equal_fallback(name, dtype, shape, threads, fallback, threads_kind):
     torch.set_num_threads(threads)  # the `threaded` fixture restores the count
