@@ -28,6 +28,16 @@ def init_affine(module: nn.Module, shape: Any, weight: bool, bias: bool, device:
     reset_affine(module)
 
 
+def affine_of(module: nn.Module) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """A layer's ``(weight, bias)`` for its forward, read straight from its ``_parameters`` (see
+    :meth:`NormBase._state`), else through ``getattr`` (a parametrization's property in their place)."""
+    params = module._parameters
+    try:
+        return params["weight"], params["bias"]
+    except KeyError:
+        return module.weight, module.bias  # type: ignore[return-value]
+
+
 def reset_affine(module: nn.Module) -> None:
     """``weight`` to 1 and ``bias`` to 0, where present."""
     if getattr(module, "weight", None) is not None:
@@ -107,11 +117,24 @@ class NormBase(nn.Module):
         else:
             _checks.check_batch_stats(type(self).__name__, x, per_row * x.shape[0])
 
-    def _momentum_factor(self) -> float:
-        """Advance ``num_batches_tracked`` (training with tracking) and return this step's averaging factor."""
+    def _state(self) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """``(weight, bias, running_mean, running_var, num_batches_tracked)`` for a forward, read straight from the
+        module's ``_parameters`` and ``_buffers``: ``nn.Module.__getattr__`` is a Python function, and reading the
+        five through it cost a layer's forward 8 us of its 57 at 2x8x4x4 (2 cores, after a 300 us pause). Where one
+        is not there (a parametrization's property, a plain attribute in its place), through ``getattr``."""
+        params, buffers = self._parameters, self._buffers
+        try:
+            return (params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
+                    buffers["num_batches_tracked"])
+        except KeyError:
+            return self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
+
+    def _momentum_factor(self, counter: Optional[Tensor]) -> float:
+        """Advance ``counter`` (the module's ``num_batches_tracked``; training with tracking) and return this
+        step's averaging factor."""
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            count = count_batch_(self.num_batches_tracked)
+        if self.training and self.track_running_stats and counter is not None:
+            count = count_batch_(counter)
             factor = 1.0 / count if self.momentum is None else self.momentum
         return factor
 
@@ -131,4 +154,4 @@ class NormBase(nn.Module):
                                       error_msgs)
 
 
-__all__ = ["NormBase", "init_affine", "reset_affine"]
+__all__ = ["NormBase", "init_affine", "reset_affine", "affine_of"]

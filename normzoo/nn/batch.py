@@ -30,16 +30,17 @@ class _BatchNorm(NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         x = self._check_input(input)  # before the batch is counted
-        factor = self._momentum_factor()
+        weight, bias, running_mean, running_var, counter = self._state()
+        factor = self._momentum_factor(counter)
         track = not self.training or self.track_running_stats
         return F.batch_norm_checked_input(
             type(self).__name__,
             x,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            self.training or (self.running_mean is None and self.running_var is None),
+            running_mean if track else None,
+            running_var if track else None,
+            weight,
+            bias,
+            self.training or (running_mean is None and running_var is None),
             factor,
             self.eps,
             self._mode,

@@ -207,12 +207,12 @@ class _BatchInstanceNorm(NormBase):
         if self.training:
             self._check_batch_stats(x)
             self.project_rho()
-        factor = self._momentum_factor()
+        weight, bias, running_mean, running_var, counter = self._state()
+        factor = self._momentum_factor(counter)
         use_batch = self.training or not self.track_running_stats
         track = not self.training or self.track_running_stats
-        return _batch_instance_norm(type(self).__name__, x, self.rho, self.running_mean if track else None,
-                                    self.running_var if track else None, self.weight, self.bias, use_batch,
-                                    factor, self.eps)
+        return _batch_instance_norm(type(self).__name__, x, self.rho, running_mean if track else None,
+                                    running_var if track else None, weight, bias, use_batch, factor, self.eps)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:

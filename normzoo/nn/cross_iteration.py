@@ -385,7 +385,7 @@ class _CrossIterationBatchNorm(NormBase):
         self._check_batch_stats(x)
         if not self.training:  # no running statistics: plain batch statistics in eval
             return channel_norm(x, self.weight, self.bias, Policy("batch"), self.eps, moments=False)[0]
-        factor = self._momentum_factor()
+        factor = self._momentum_factor(self.num_batches_tracked)
         k, step = self.window, count_batch_(self.iteration) - 1  # the iteration buffer counts the steps
         use_window = k > 1 and step >= self.burn_in
         record = k > 1 and step >= self.burn_in - (k - 1)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from normzoo import _checks
 from normzoo import functional as F
-from normzoo.nn._base import NormBase, init_affine, reset_affine
+from normzoo.nn._base import NormBase, affine_of, init_affine, reset_affine
 from normzoo.registry import register
 
 _Shape = Union[int, Sequence[int], torch.Size]
@@ -40,10 +40,11 @@ class _InstanceNorm(NormBase):
         if isinstance(input, Tensor) and input.dim() == self._input_dims[0] - 1:  # unbatched
             return self.forward(input.unsqueeze(0)).squeeze(0)
         x = self._check_input(input)  # before the batch is counted
-        factor = self._momentum_factor()
+        weight, bias, running_mean, running_var, counter = self._state()
+        factor = self._momentum_factor(counter)
         track = self.track_running_stats
-        return F.instance_norm_checked_input(type(self).__name__, x, self.running_mean if track else None,
-                                             self.running_var if track else None, self.weight, self.bias,
+        return F.instance_norm_checked_input(type(self).__name__, x, running_mean if track else None,
+                                             running_var if track else None, weight, bias,
                                              self.training or not track, factor, self.eps)
 
 
@@ -106,7 +107,7 @@ class GroupNorm(_ChannelAffine):
         init_affine(self, num_channels, affine, affine and bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.checked_group_norm("GroupNorm", input, self.num_groups, self.weight, self.bias, self.eps,
+        return F.checked_group_norm("GroupNorm", input, self.num_groups, *affine_of(self), self.eps,
                                     self.num_channels)
 
     def extra_repr(self) -> str:
@@ -142,7 +143,7 @@ class LayerNorm2d(_ChannelAffine):
         init_affine(self, num_channels, affine, affine and bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.checked_group_norm("LayerNorm2d", input, 1, self.weight, self.bias, self.eps, self.num_channels,
+        return F.checked_group_norm("LayerNorm2d", input, 1, *affine_of(self), self.eps, self.num_channels,
                                     dims=(3, 4, 5))
 
     def extra_repr(self) -> str:
@@ -178,7 +179,7 @@ class LayerNorm(nn.Module):
         reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return F.layer_norm(input, self.normalized_shape, *affine_of(self), self.eps)
 
     def extra_repr(self) -> str:
         return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}, bias={use_bias}".format(
@@ -207,7 +208,7 @@ class RMSNorm(nn.Module):
         reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        return F.rms_norm(input, self.normalized_shape, affine_of(self)[0], self.eps)
 
     def extra_repr(self) -> str:
         return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(**self.__dict__)

@@ -221,9 +221,10 @@ class _BatchRenorm(NormBase):
         x = self._check_input(input)
         if self.training:
             self._check_batch_stats(x)
-        factor = self._momentum_factor()
-        y, rd = _batch_renorm_checked_input(type(self).__name__, x, self.running_mean, self.running_var, self.weight,
-                                            self.bias, self.training, factor, self.eps, self.r_max, self.d_max)
+        weight, bias, running_mean, running_var, counter = self._state()
+        factor = self._momentum_factor(counter)
+        y, rd = _batch_renorm_checked_input(type(self).__name__, x, running_mean, running_var, weight, bias,
+                                            self.training, factor, self.eps, self.r_max, self.d_max)
         if self.training:
             self.__dict__["_last_rd"] = (rd, x.dtype)  # past nn.Module.__setattr__'s checks, once per step
         return y

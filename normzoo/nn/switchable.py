@@ -232,12 +232,13 @@ class _SwitchNorm(NormBase):
         x = self._check_input(input)
         if self.training:
             self._check_batch_stats(x)
-        factor = self._momentum_factor()
+        weight, bias, running_mean, running_var, counter = self._state()
+        factor = self._momentum_factor(counter)
         use_batch = self.training or not self.track_running_stats
         track = not self.training or self.track_running_stats
         return _switchable_norm(type(self).__name__, x, self.mean_logits, self.var_logits,
-                                self.running_mean if track else None, self.running_var if track else None,
-                                self.weight, self.bias, use_batch, factor, self.eps)
+                                running_mean if track else None, running_var if track else None,
+                                weight, bias, use_batch, factor, self.eps)
 
 
 @register("switch1d", "switchnorm1d")

@@ -222,7 +222,7 @@ class SyncBatchNorm(_BatchNorm):
         if not self.training or world_size(self.process_group) == 1:
             return super().forward(input)
         x = self._check_input(input)
-        factor = self._momentum_factor()
+        factor = self._momentum_factor(self.num_batches_tracked)
         y, batch = sync_batch_norm(x, self.weight, self.bias, self.eps, "mean" if self.mean_only else "standard",
                                    self.process_group, name=type(self).__name__)
         if self.track_running_stats:
