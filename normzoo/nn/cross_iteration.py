@@ -61,7 +61,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from normzoo import _checks, native_window
-from normzoo.channel_norm import Policy, channel_norm, fixed_affine
+from normzoo.channel_norm import Policy, batch_window_norm, channel_norm, fixed_affine
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
 from normzoo.running import Running, count_batch_
@@ -340,26 +340,38 @@ class _CrossIterationBatchNorm(NormBase):
 
     def _past(self) -> Tuple[Tensor, Tensor]:
         """Per-slot ``(mean, var)`` of the stored iterations, compensated to the current weights if enabled."""
-        mean, var = self.window_mean, self.window_var
+        buffers = self._buffers  # (the layer's hot path: no nn.Module.__getattr__, see NormBase._state)
+        mean, var = buffers["window_mean"], buffers["window_var"]
         layer = self.layer
         if not self.compensate or layer is None:
             return mean, var
-        pw, gw = _weight_dots(layer, self.window_dmean, self.window_dvar)
-        dmu = pw - self.window_wmean  # P . (W_t - W_tau): exact, mu is linear in W
-        dvar = gw - self.window_wvar  # G . (W_t - W_tau)
-        shift = dmu
-        if layer.bias is not None:
-            shift = dmu + (layer.bias.detach().to(mean.dtype) - self.window_bias)
-        return mean + shift, (var + dvar - dmu * dmu).clamp_min(0.0)
+        with torch.no_grad():
+            pw, gw = _weight_dots(layer, self.window_dmean, self.window_dvar)
+            dmu = pw - self.window_wmean  # P . (W_t - W_tau): exact, mu is linear in W
+            dvar = gw - self.window_wvar  # G . (W_t - W_tau)
+            shift = dmu
+            if layer.bias is not None:
+                shift = dmu + (layer.bias.detach().to(mean.dtype) - self.window_bias)
+            return mean + shift, (var + dvar - dmu * dmu).clamp_min(0.0)
 
     def _record(self, slot: int, cur: Moments, captured: Optional[Tuple[Tensor, Tensor]],
                 keep_old: bool = False) -> Optional[Tensor]:
         """Store this iteration's moments in ``slot``; with ``keep_old``, return the slot's count, mean and var
         before (float64 ``(1 + 2 C,)``)."""
+        buffers = self._buffers
+        mean = cur.mean.reshape(-1)  # (the moments are constants: no graph to keep out of)
+        old = native_window.record(slot, buffers["window_count"], buffers["window_mean"], buffers["window_var"],
+                                   float(cur.count), mean, cur.m2.reshape(-1), keep_old)
+        if old is None or captured is not None:
+            return self._record_slowly(slot, cur, captured, keep_old, old)
+        return old if keep_old else None
+
+    def _record_slowly(self, slot: int, cur: Moments, captured: Optional[Tuple[Tensor, Tensor]], keep_old: bool,
+                       old: Optional[Tensor]) -> Optional[Tensor]:
+        """:meth:`_record` with tensor operations, where the native kernels did not store the moments (``old`` is
+        None), and the compensation's terms (``captured``)."""
         with torch.no_grad():
             mean = cur.mean.reshape(-1)
-            old = native_window.record(slot, self.window_count, self.window_mean, self.window_var, float(cur.count),
-                                       mean, cur.m2.reshape(-1), keep_old)
             if old is None:
                 if keep_old:
                     old = torch.cat([self.window_count[slot:slot + 1], self.window_mean[slot],
@@ -380,40 +392,43 @@ class _CrossIterationBatchNorm(NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         x = self._check_input(input)
-        if not (self.training or self.running_mean is None):
-            return fixed_affine(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+        weight, bias, running_mean, running_var, counter = self._state()
+        if not (self.training or running_mean is None):
+            return fixed_affine(x, running_mean, running_var, weight, bias, self.eps)
         self._check_batch_stats(x)
         if not self.training:  # no running statistics: plain batch statistics in eval
-            return channel_norm(x, self.weight, self.bias, Policy("batch"), self.eps, moments=False)[0]
-        factor = self._momentum_factor(self.num_batches_tracked)
-        k, step = self.window, count_batch_(self.iteration) - 1  # the iteration buffer counts the steps
+            return channel_norm(x, weight, bias, Policy("batch"), self.eps, moments=False)[0]
+        factor = self._momentum_factor(counter)
+        k, step = self.window, count_batch_(self._buffers["iteration"]) - 1  # the iteration buffer counts the steps
         use_window = k > 1 and step >= self.burn_in
         record = k > 1 and step >= self.burn_in - (k - 1)
         captured = self._take_capture(x) if record and self.compensate else None
         extra = None
         if use_window:  # the past iterations as constant moments, merged into the batch's in channel_norm
-            with torch.no_grad():
-                mean_p, var_p = self._past()
-                extra = self._window_moments(mean_p, var_p)
-        own: list = []
-        running = Running(self.running_mean, self.running_var, factor) if self.track_running_stats else None
-        y, merged = channel_norm(x, self.weight, self.bias, Policy("batch"), self.eps, extra=extra, running=running,
-                                 own=own)
-        cur = own[0]  # the batch's own moments, (1, C)
+            mean_p, var_p = self._past()
+            extra = self._window_moments(mean_p, var_p)
+        running = Running(running_mean, running_var, factor) if self.track_running_stats else None
+        y, merged, cur = batch_window_norm(x, weight, bias, self.eps, extra, running)  # cur: the batch's own
         old = self._record(step % (k - 1), cur, captured, keep_old=use_window) if record else None
         if use_window:  # what last_window is built from, on access: the slot this step overwrote is in old
-            compensated = mean_p is not self.window_mean  # else mean_p, var_p are the buffers, changed since
+            compensated = mean_p is not self._buffers["window_mean"]  # else the buffers, changed since
             self.__dict__["_window_parts"] = (step, cur, (mean_p, var_p) if compensated else None, merged, old)
         return y
 
     def _window_moments(self, mean_p: Tensor, var_p: Tensor) -> Moments:
         """The window's slots merged per channel: constant moments of shape ``(1, C)``, one count for all."""
-        merged = native_window.merge(self.window_count, mean_p, var_p)
+        window_count = self._buffers["window_count"]
+        merged = native_window.merge(window_count, mean_p, var_p)
         if merged is not None:
             return Moments(*merged)
-        counts = self.window_count.unsqueeze(1)
+        with torch.no_grad():
+            return self._merge_slowly(window_count, mean_p, var_p)
+
+    @staticmethod
+    def _merge_slowly(window_count: Tensor, mean_p: Tensor, var_p: Tensor) -> Moments:
+        counts = window_count.unsqueeze(1)
         past = Moments(counts, mean_p, var_p * counts).reduce(0, keepdim=True)
-        return Moments(float(self.window_count.sum()), past.mean, past.m2)
+        return Moments(float(window_count.sum()), past.mean, past.m2)
 
 
 @register("cbn1d", "crossiterationbatchnorm1d")
