@@ -148,15 +148,14 @@ def checked_group_norm(name: str, input: Tensor, num_groups: int, weight: Option
 def _as_shape(normalized_shape: _Shape) -> Tuple[int, ...]:
     if isinstance(normalized_shape, int):
         return (normalized_shape,)
-    if type(normalized_shape) is tuple and all(type(s) is int for s in normalized_shape):
-        return normalized_shape  # a module's own (checked when it was built)
     return tuple(int(s) for s in normalized_shape)
 
 
-def _last_dims_norm(name: str, input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor],
-                    bias: Optional[Tensor], eps: float, mode: str) -> Tensor:
-    """Normalize over the trailing ``normalized_shape`` dims: rows ``(R, D)`` with a per-element affine."""
-    shape = _as_shape(normalized_shape)
+def last_dims_norm(name: str, input: Tensor, shape: Tuple[int, ...], weight: Optional[Tensor],
+                   bias: Optional[Tensor], eps: float, mode: str) -> Tensor:
+    """Normalize over the trailing ``shape`` dims (a tuple of ints: :func:`layer_norm`'s ``normalized_shape`` as
+    given, or a module's own, checked when it was built): rows ``(R, D)`` with a per-element affine; ``mode``
+    ``"standard"`` (LayerNorm) or ``"rms"`` (RMSNorm). The rest of the arguments are checked here."""
     if not isinstance(input, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor input, got {type(input).__name__}")
     _checks.check_floating(name, input)
@@ -187,7 +186,7 @@ def layer_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor]
     Unlike torch's kernel, which computes ``E[x^2] - E[x]^2``-style moments and loses the variance of data
     with a large mean (mean 1e4, std 1e-3 in float32), the statistics here are guarded (see :mod:`normzoo.stats`).
     """
-    return _last_dims_norm("layer_norm", input, normalized_shape, weight, bias, eps, "standard")
+    return last_dims_norm("layer_norm", input, _as_shape(normalized_shape), weight, bias, eps, "standard")
 
 
 def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None,
@@ -199,10 +198,16 @@ def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] =
     float32 and float64 and float32's for bfloat16 and float16 (torch's documentation names the input's dtype
     for all; with bfloat16's, 2^-7, rows whose mean square is small would come out far from torch's).
     """
-    if eps is None:
-        eps = (torch.finfo(torch.promote_types(input.dtype, torch.float32)).eps
-               if isinstance(input, Tensor) and input.is_floating_point() else 1e-6)
-    return _last_dims_norm("rms_norm", input, normalized_shape, weight, None, eps, "rms")
+    return last_dims_norm("rms_norm", input, _as_shape(normalized_shape), weight, None, rms_eps(input, eps), "rms")
+
+
+def rms_eps(input: Tensor, eps: Optional[float]) -> float:
+    """:func:`rms_norm`'s ``eps``: as given, or for ``None`` the machine epsilon of the type its statistics are
+    computed in (float32's for bfloat16 and float16 input)."""
+    if eps is not None:
+        return eps
+    return (torch.finfo(torch.promote_types(input.dtype, torch.float32)).eps
+            if isinstance(input, Tensor) and input.is_floating_point() else 1e-6)
 
 
 # Functional forms of the methods whose modules live in their own files, re-exported lazily: their

@@ -179,7 +179,7 @@ class LayerNorm(nn.Module):
         reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.layer_norm(input, self.normalized_shape, *affine_of(self), self.eps)
+        return F.last_dims_norm("LayerNorm", input, self.normalized_shape, *affine_of(self), self.eps, "standard")
 
     def extra_repr(self) -> str:
         return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}, bias={use_bias}".format(
@@ -208,7 +208,8 @@ class RMSNorm(nn.Module):
         reset_affine(self)
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.rms_norm(input, self.normalized_shape, affine_of(self)[0], self.eps)
+        return F.last_dims_norm("RMSNorm", input, self.normalized_shape, affine_of(self)[0], None,
+                                F.rms_eps(input, self.eps), "rms")
 
     def extra_repr(self) -> str:
         return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(**self.__dict__)
