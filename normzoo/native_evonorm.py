@@ -16,16 +16,15 @@ elementwise pass.
 """
 from __future__ import annotations
 
-import ctypes
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from normzoo import native
+from normzoo.native import _D, _I, _I64, _P  # the ctypes argument types of the signature tables
 from normzoo.native import _TYPES, BufferViews, _dims, _like, _param, _ptr, _stats, _threads, layout
 
-_P, _I64, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {  # {suf}: one function per dtype
     "nz_s0_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I64, _I, _P, _P, _P, _D, _P, _P, _I],
     "nz_s0_backward_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I64, _I, _P, _P, _P, _P, _P, _P, _P, _I],

@@ -11,17 +11,16 @@ calls (conversions, views, allocations) cost as much as the passes. Callers chec
 """
 from __future__ import annotations
 
-import ctypes
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from normzoo import native
+from normzoo.native import _D, _I, _I64, _P  # the ctypes argument types of the signature tables
 from normzoo._autograd import grad_as
 from normzoo.native import _ptr, _running_type
 
-_P, _I64, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {
     "nz_switch_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I, _P, _I, _P, _I, _P, _P, _I, _I, _D, _P, _I, _P, _I, _D, _P,
                                 _P, _I],

@@ -8,16 +8,15 @@ caller then uses tensor operations), or for buffers of a dtype the kernels do no
 """
 from __future__ import annotations
 
-import ctypes
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from normzoo import native
+from normzoo.native import _D, _I, _I64, _P  # the ctypes argument types of the signature tables
 from normzoo.native import _RUNNING_TYPES as _TYPE_CODES
 
-_P, _I64, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {  # (argument types, result type), or the argument types of a void function
     "nz_window_merge": ([_I64, _I64, _I, _P, _P, _P, _P, _P], _D),
     "nz_window_record": [_I64, _I64, _I, _P, _P, _P, _D, _P, _P, _P],
@@ -44,7 +43,8 @@ def merge(count: Tensor, mean: Tensor, var: Tensor) -> Optional[Tuple[float, Ten
     k, c = mean.shape
     out = torch.empty(2, 1, c, dtype=torch.float64)
     p = out.data_ptr()
-    total = native.entry("nz_window_merge", signatures=_SIGNATURES)(k, c, code, count.data_ptr(), mean.data_ptr(), var.data_ptr(), p, p + 8 * c)
+    merge_fn = native.entry("nz_window_merge", signatures=_SIGNATURES)
+    total = merge_fn(k, c, code, count.data_ptr(), mean.data_ptr(), var.data_ptr(), p, p + 8 * c)
     return float(total), out[0], out[1]
 
 
@@ -61,8 +61,9 @@ def record(slot: int, count: Tensor, mean: Tensor, var: Tensor, n: float, own_me
     own_mean, own_m2 = (t if t.dtype == torch.float64 and t.is_contiguous() else t.to(torch.float64).contiguous()
                         for t in (own_mean, own_m2))
     old = torch.empty(1 + 2 * c if keep_old else 0, dtype=torch.float64)
-    native.entry("nz_window_record", signatures=_SIGNATURES)(slot, c, code, count.data_ptr(), mean.data_ptr(), var.data_ptr(),
-                            float(n), own_mean.data_ptr(), own_m2.data_ptr(), old.data_ptr() if keep_old else None)
+    record_fn = native.entry("nz_window_record", signatures=_SIGNATURES)
+    record_fn(slot, c, code, count.data_ptr(), mean.data_ptr(), var.data_ptr(), float(n), own_mean.data_ptr(),
+              own_m2.data_ptr(), old.data_ptr() if keep_old else None)
     return old
 
 

@@ -369,5 +369,6 @@ def machine_info() -> Dict[str, object]:
     }
 
 
-__all__ = ["ALLOCATOR_MODES", "configure_allocator", "torch_threads", "gc_paused", "interleaved", "plan_repeats", "plan_rounds",
-           "median", "round_order", "copy_contender", "empty_step_contender", "CpuMeter", "load_average", "last_level_cache_bytes", "machine_info"]
+__all__ = ["ALLOCATOR_MODES", "configure_allocator", "torch_threads", "gc_paused", "interleaved", "round_order",
+           "plan_repeats", "plan_rounds", "median", "copy_contender", "empty_step_contender", "CpuMeter", "load_average",
+           "last_level_cache_bytes", "machine_info"]

@@ -5,7 +5,8 @@ forward+backward, the baseline's forward+backward (the targets' measure; timing 
 would add a third to the cost of the slowest contenders, the paper formulas), a copy of the input (the
 machine's bandwidth at that size), the step of an autograd op that does no work (the fixed cost of a layer written
 as one, :func:`normzoo.bench.harness.empty_step_contender`), and for the BatchNorm family normzoo's BatchNorm
-forward+backward, all in one set of interleaved rounds (:func:`normzoo.bench.harness.interleaved`). Modules are in training mode;
+forward+backward, all in one set of interleaved rounds (:func:`normzoo.bench.harness.interleaved`). Modules are
+in training mode;
 "forward" is the training forward (autograd recording, graph dropped), "forward+backward" is
 ``y = m(x); torch.autograd.grad(y, (x, *params), dy)`` with a fixed ``dy``. Inputs, ``dy`` and the copy
 target are allocated once per group and reused; every contender runs once while the group is prepared
