@@ -248,9 +248,9 @@ _CORE_SIGNATURES: Dict[str, Any] = {
     "nz_affine_grad_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I, _P, _P, _P, _P, _I],
     "nz_rownorm_forward_{suf}": [_P, _P, _I64, _I64, _P, _I, _P, _I, _D, _I, _P, _P, _I],
     "nz_rownorm_backward_{suf}": [_P, _P, _P, _I64, _I64, _P, _I, _I, _P, _P, _P, _P, _I, _I],
-    "nz_group_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I64, _I, _P, _I, _P, _I, _P, _D, _I, _P, _P, _P, _I],
-    "nz_group_backward_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I64, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, _P,
-                                _I],
+    "nz_group_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I64, _I, _P, _I, _P, _I, _P, _I, _D, _I, _P, _P, _P, _I],
+    "nz_group_backward_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I64, _I, _P, _I, _P, _I, _P, _I, _I, _P, _P, _P, _P, _P,
+                                _P, _I],
     "nz_batch_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I, _P, _I, _P, _I, _D, _I, _P, _P, _P, _P, _P, _I, _D, _P, _D,
                                _D, _D, _P, _P, _I],
     "nz_batch_backward_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I, _P, _I, _P, _P, _I, _D, _P, _P, _P, _I, _I],
@@ -621,13 +621,6 @@ def _param(t: Optional[Tensor], dtype: torch.dtype, size: int) -> Optional[Tenso
     return t
 
 
-def _param_grads(c: int, dtype: torch.dtype, dgamma: bool, dbeta: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """Buffers for the kernels' ``dgamma``/``dbeta`` outputs (arithmetic type), ``None`` where not wanted; separate
-    tensors (views of one would cost the autograd engine more than a second allocation)."""
-    want = _arith(dtype)
-    return (torch.empty(c, dtype=want) if dgamma else None), (torch.empty(c, dtype=want) if dbeta else None)
-
-
 def _typed_param(t: Optional[Tensor], size: int, fallback: torch.dtype) -> Tuple[Optional[Tensor], int]:
     """A parameter as the kernels read it, with its type code (those of :data:`_RUNNING_TYPES`): itself where it
     is a contiguous tensor of ``size`` values of a type they read (float32, float64, bfloat16: a bfloat16 model's
@@ -707,10 +700,10 @@ def group_forward(x: Tensor, groups: int, weight: Optional[Tensor], bias: Option
     stats = torch.empty(3, n, groups, dtype=torch.float64)
     p, step = stats.data_ptr(), 8 * n * groups
     a = _arith(x.dtype)
-    (g, gt), (b, bt), t = _typed_param(weight, c, a), _typed_param(bias, c, a), _param(tau, x.dtype, c)
+    (g, gt), (b, bt), (t, tt) = _typed_param(weight, c, a), _typed_param(bias, c, a), _typed_param(tau, c, a)
     numel = x.numel()
     _fn("group_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, numel // (n * c), groups, layout(x), _ptr(g), gt,
-                                  _ptr(b), bt, _ptr(t), float(eps), _MODES[mode], p, p + step, p + 2 * step,
+                                  _ptr(b), bt, _ptr(t), tt, float(eps), _MODES[mode], p, p + step, p + 2 * step,
                                   _threads(numel))
     return y, stats
 
@@ -721,7 +714,7 @@ class GroupGrads(NamedTuple):
     dx: Tensor
     dgamma: Optional[Tensor]  #: ``(C,)`` ``sum dy * x_hat`` (float32, float64 for float64 input)
     dbeta: Optional[Tensor]  #: ``(C,)`` ``sum dy``
-    dtau: Optional[Tensor]  #: ``(C,)`` the TLU threshold's: ``sum dy`` where it won
+    dtau: Optional[Tensor]  #: ``(C,)`` the TLU threshold's: ``sum dy`` where it won (in tau's dtype, as dgamma)
     drstd: Optional[Tensor]  #: float64 ``(N, G)``: ``dL / d rstd`` of each group
 
 
@@ -740,15 +733,15 @@ def group_backward(dy: Tensor, x: Tensor, groups: int, weight: Optional[Tensor],
     dy = _like(x, dy)
     dx = torch.empty_like(x)
     a = _arith(x.dtype)
-    (g, gt), (b, bt), t = _typed_param(weight, c, a), _typed_param(bias, c, a), _param(tau, x.dtype, c)
+    (g, gt), (b, bt), (t, tt) = _typed_param(weight, c, a), _typed_param(bias, c, a), _typed_param(tau, c, a)
     dg, gt = _grad_out(dgamma, c, None if g is None else g.dtype, gt, x.dtype)
     db, bt = _grad_out(dbeta, c, bias_dtype if b is None else b.dtype, bt, x.dtype)
-    dt = _param_grads(c, x.dtype, dtau and tau is not None, False)[0]
+    dt, tt = _grad_out(dtau and t is not None, c, None if t is None else t.dtype, tt, x.dtype)
     dr = torch.empty(n, groups, dtype=torch.float64) if drstd else None
     p, numel = stats.data_ptr(), x.numel()
     _fn("group_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel // (n * c), groups,
-                                   layout(x), _ptr(g), gt, _ptr(b), bt, _ptr(t), _MODES[mode], p, p + 16 * n * groups,
-                                   _ptr(dg), _ptr(db), _ptr(dt), _ptr(dr), _threads(numel))
+                                   layout(x), _ptr(g), gt, _ptr(b), bt, _ptr(t), tt, _MODES[mode], p,
+                                   p + 16 * n * groups, _ptr(dg), _ptr(db), _ptr(dt), _ptr(dr), _threads(numel))
     return GroupGrads(dx, dg, db, dt, dr)
 
 

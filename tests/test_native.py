@@ -658,6 +658,28 @@ def test_frn_native_equals_fallback(dtype, channels_last, shape, parts, fallback
     assert ours[0].stride() == x.stride() and ours[1].stride() == x.stride()
 
 
+@pytest.mark.parametrize("dtype, param_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float64),
+                                                (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_frn_parameters_reach_the_kernels_in_their_own_dtype(dtype, param_dtype, channels_last, fallback):
+    """A bfloat16 (or float64) model's gamma, beta and tau go to the kernels as they are, typed, and their gradients
+    come back in that dtype: the results are the fallback's (in float64)."""
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(3, 8, 5, 7, generator=gen) * 2 + 0.3).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b, tau = ((torch.rand(8, generator=gen) + 0.5), torch.randn(8, generator=gen) * 0.5,
+                 torch.randn(8, generator=gen) * 0.5)
+    w, b, tau = (t.to(param_dtype) for t in (w, b, tau))
+    g = torch.randn(x.shape, generator=gen).to(dtype)
+    ours = _frn_fwd_bwd(x, w, b, tau, torch.tensor(0.3), g)
+    assert all(t.dtype == param_dtype for t in ours[2:5])
+    ref = fallback(_frn_fwd_bwd, *(t.double() for t in (x, w, b, tau, torch.tensor(0.3), g)))
+    tol = 5e-2 if torch.bfloat16 in (dtype, param_dtype) else 1e-4
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol * max(1.0, float(r.abs().max())))
+
+
 def test_frn_native_is_used_and_passes_gradcheck(monkeypatch):
     from normzoo.nn.response import filter_response_norm
 
