@@ -200,7 +200,9 @@ def _build() -> ctypes.CDLL:
     variants = [(src, [], [])]  # (source, flags, what else the build depends on)
     if include is not None and os.environ.get("NORMZOO_ENTRY_POINTS", "1").lower() not in ("0", "false", "no", "off"):
         abi = [include, str(sysconfig.get_config_var("EXT_SUFFIX")), sys.version]
-        variants.insert(0, (src + _entry_points_source(_signature_maps()), [f"-I{include}"], abi))
+        # macOS links an extension's calls into Python at load time, as the interpreter provides them
+        flags = [f"-I{include}"] + (["-undefined", "dynamic_lookup"] if sys.platform == "darwin" else [])
+        variants.insert(0, (src + _entry_points_source(_signature_maps()), flags, abi))
     failure = None
     for text, flags, abi in variants:
         key = hashlib.sha256("\0".join([text, cc, *version, *_FLAGS, *flags, *abi, _cpu_id(),
