@@ -611,18 +611,6 @@ def _arith(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _param(t: Optional[Tensor], dtype: torch.dtype, size: int) -> Optional[Tensor]:
-    """A weight or bias for the kernels, flattened to ``size``, in the arithmetic type of ``dtype`` input;
-    ``None`` (a NULL pointer: ones or zeros) when absent. A float32 parameter of float32 or bfloat16 input
-    is passed as it is, without a conversion."""
-    if t is None:
-        return None
-    want = _arith(dtype)
-    if t.dtype != want or not t.is_contiguous() or t.dim() != 1:
-        t = t.detach().reshape(size).to(want).contiguous()
-    return t
-
-
 def _typed_param(t: Optional[Tensor], size: int, fallback: torch.dtype) -> Tuple[Optional[Tensor], int]:
     """A parameter as the kernels read it, with its type code (those of :data:`_RUNNING_TYPES`): itself where it
     is a contiguous tensor of ``size`` values of a type they read (float32, float64, bfloat16: a bfloat16 model's

@@ -301,3 +301,24 @@ def test_sigmoid_accuracy():
     torch.testing.assert_close(native_evonorm.sigmoid(z.double()), want, rtol=1e-15, atol=0.0)
     bf = z.bfloat16()
     torch.testing.assert_close(native_evonorm.sigmoid(bf), torch.sigmoid(bf.double()).bfloat16(), rtol=0.0, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype, param_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float64),
+                                                (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("kind", ["s0", "b0"])
+def test_parameters_reach_the_kernels_in_their_own_dtype(dtype, param_dtype, kind, formula):
+    """A bfloat16 (or float64) model's gamma, beta and v go to the kernels as they are, with one type code, and
+    their gradients come back in that dtype: the results are the formula's in float64."""
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.randn(4, 8, 5, 6, generator=gen) * 2 + 0.5).to(dtype)
+    dy = torch.randn(x.shape, generator=gen).to(dtype)
+    params = [p.to(param_dtype) for p in _params(8, torch.float32, 9)]
+
+    def call(x, w, b, v):
+        return (evonorm_s0(x, 4, w, b, v, EPS) if kind == "s0"
+                else evonorm_b0(x, None, w, b, v, True, 0.1, EPS))
+
+    got = _run(call, x, params, dy)
+    assert all(g.dtype == param_dtype for g in got[2:])
+    want = formula(lambda: _truth(call, x, params, dy))
+    _close(got, want, 3e-2 if torch.bfloat16 in (dtype, param_dtype) else 1e-5, f"{kind} {dtype} {param_dtype}")
