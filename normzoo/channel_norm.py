@@ -329,29 +329,6 @@ def batch_stats_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     return channel_norm(x, weight, bias, Policy("batch"), eps, mode=mode, running=running, moments=False)[0]
 
 
-def batch_window_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, extra: Optional[Moments],
-                      running: Optional[Running]) -> Tuple[Tensor, Moments, Moments]:
-    """BatchNorm of ``x`` with each channel's batch moments merged with the constant ``extra`` (scalar count;
-    Cross-Iteration BN's window), ``running`` updated with the batch's own: ``(y, merged moments, the batch's own
-    moments)``, both ``(1, C)``. The layer's hot path, as :func:`batch_stats_norm`: straight to the fused native
-    op where it applies, otherwise :func:`channel_norm`. The caller has checked the arguments."""
-    if native.supports(x) and (extra is None or not isinstance(extra.count, Tensor) or extra.count.numel() == 1):
-        native.wake_workers(x)
-        out: list = []
-        y = _batch_apply(x, weight, bias, eps, "standard", extra, running, out)
-        stats, running_done = out
-        count = x.numel() // x.shape[1]
-        rows = stats.unsqueeze(1)  # (k, 1, C)
-        own = Moments(count, rows[0], rows[1]) if extra is None else Moments(count, rows[3], rows[4])
-        if running is not None and not running_done:
-            running.update(own.reshape(x.shape[1]))
-        merged = own if extra is None else Moments(count + extra.count, rows[0], rows[1])
-        return y, merged, own
-    mine: list = []
-    y, merged = channel_norm(x, weight, bias, Policy("batch"), eps, extra=extra, running=running, own=mine)
-    return y, merged, mine[0]  # type: ignore[return-value]
-
-
 def sample_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], groups: int, eps: float,
                 mode: str = "standard") -> Tensor:
     """``y`` for statistics local to a sample: per sample over each of ``groups`` groups of consecutive channels
@@ -432,5 +409,5 @@ def fixed_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
     return torch.addcmul(b.to(x.dtype).view(shape), x, a.to(x.dtype).view(shape))
 
 
-__all__ = ["Policy", "channel_norm", "fused_backward", "batch_stats_norm", "batch_window_norm", "sample_norm",
-           "fixed_affine", "batch_or_running", "native_batch_or_running", "BatchStatistics"]
+__all__ = ["Policy", "channel_norm", "fused_backward", "batch_stats_norm", "sample_norm", "fixed_affine",
+           "batch_or_running", "native_batch_or_running", "BatchStatistics"]

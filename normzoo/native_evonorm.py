@@ -23,7 +23,8 @@ from torch import Tensor
 
 from normzoo import native
 from normzoo.native import _D, _I, _I64, _P  # the ctypes argument types of the signature tables
-from normzoo.native import _RUNNING_TYPES, BufferViews, _arith, _dims, _like, _ptr, _stats, _threads, layout
+from normzoo.native import (_RUNNING_TYPES, BufferViews, _arith, _dims, _like, _ptr, _stats, _threads, _typed_param,
+                            layout)
 
 _SIGNATURES = {  # {suf}: one function per dtype; gamma, beta, v (and their gradients) as pointers + one type code
     "nz_s0_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I64, _I, _P, _P, _P, _I, _D, _P, _P, _I],
@@ -38,24 +39,22 @@ def _fn(name: str, dtype: torch.dtype):
     return native.entry(f"nz_{name}_{{suf}}", dtype, _SIGNATURES)
 
 
-def _typed(c: int, dtype: torch.dtype, *params: Optional[Tensor]) -> Tuple[Tuple[Optional[Tensor], ...], int]:
-    """The parameters as the kernels read them, and their one type code (those of the running buffers): as they
-    are where every one given is a contiguous tensor of ``c`` values of one type the kernels read (a bfloat16
-    model's need no conversion), else copies in the arithmetic type of ``dtype`` input."""
-    given = [t for t in params if t is not None]
-    want = given[0].dtype if given else _arith(dtype)
-    code = _RUNNING_TYPES.get(want)
-    if code is None or any(t.dtype != want or not t.is_contiguous() or t.numel() != c for t in given):
-        want = _arith(dtype)
-        code = _RUNNING_TYPES[want]
-        params = tuple(None if t is None else t.detach().reshape(c).to(want).contiguous() for t in params)
-    return params, code
+def _typed(c: int, dtype: torch.dtype, *params: Optional[Tensor]) -> Tuple[Tuple[Optional[Tensor], ...], torch.dtype]:
+    """The parameters as the kernels read them (:func:`normzoo.native._typed_param`), which take one type for all:
+    as they are where they share one (a bfloat16 model's need no conversion), else all in the arithmetic type of
+    ``dtype`` input; and that type."""
+    a = _arith(dtype)
+    typed = [_typed_param(t, c, a)[0] for t in params]
+    kinds = {t.dtype for t in typed if t is not None}
+    if len(kinds) > 1:
+        typed = [None if t is None else t.to(a) for t in typed]
+        kinds = {a}
+    return tuple(typed), kinds.pop() if kinds else a
 
 
-def _grads(c: int, code: int, wanted: Tuple[bool, ...]) -> Tuple[Optional[Tensor], ...]:
-    """Output buffers ``(C,)`` for the parameter gradients, in the type of ``code`` (the parameters' as the kernels
-    read them); ``None`` where not wanted."""
-    dtype = next(d for d, k in _RUNNING_TYPES.items() if k == code)
+def _grads(c: int, dtype: torch.dtype, wanted: Tuple[bool, ...]) -> Tuple[Optional[Tensor], ...]:
+    """Output buffers ``(C,)`` of ``dtype`` (the parameters' as the kernels read them) for the parameter gradients;
+    ``None`` where not wanted."""
     out = torch.empty(len(wanted), c, dtype=dtype)
     return tuple(out[i] if want else None for i, want in enumerate(wanted))
 
@@ -75,9 +74,9 @@ def s0_forward(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[
     n, c, l = _dims(x)
     y = torch.empty_like(x)
     mean, rstd = _stats(2, n, groups)
-    (g, b, vv), code = _typed(c, x.dtype, weight, bias, v)
+    (g, b, vv), pdt = _typed(c, x.dtype, weight, bias, v)
     _fn("s0_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, groups, layout(x), _ptr(g), _ptr(b), _ptr(vv),
-                               code, float(eps), mean.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
+                               _RUNNING_TYPES[pdt], float(eps), mean.data_ptr(), rstd.data_ptr(), _threads(x.numel()))
     return y, mean, rstd
 
 
@@ -87,10 +86,11 @@ def s0_backward(dy: Tensor, x: Tensor, groups: int, weight: Optional[Tensor], v:
     n, c, l = _dims(x)
     dy = _like(x, dy)
     dx = torch.empty_like(x)
-    (g, vv), code = _typed(c, x.dtype, weight, v)
-    dg, db, dv = _grads(c, code, wanted)
+    (g, vv), pdt = _typed(c, x.dtype, weight, v)
+    dg, db, dv = _grads(c, pdt, wanted)
     _fn("s0_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, groups, layout(x), _ptr(g),
-                                _ptr(vv), code, mean.data_ptr(), rstd.data_ptr(), _ptr(dg), _ptr(db), _ptr(dv),
+                                _ptr(vv), _RUNNING_TYPES[pdt], mean.data_ptr(), rstd.data_ptr(), _ptr(dg), _ptr(db),
+                                _ptr(dv),
                                 _threads(x.numel()))
     return dx, dg, db, dv
 
@@ -114,9 +114,9 @@ def b0_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: O
     y = torch.empty_like(x)
     buf = torch.empty(2 * n * c + 3 * c, dtype=torch.float64)
     fv = None if fixed_var is None else fixed_var.detach().to(torch.float64).contiguous()
-    (g, b, vv), code = _typed(c, x.dtype, weight, bias, v)
-    _fn("b0_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), _ptr(g), _ptr(b), _ptr(vv), code,
-                               float(eps), _ptr(fv), buf.data_ptr(), _threads(x.numel()))
+    (g, b, vv), pdt = _typed(c, x.dtype, weight, bias, v)
+    _fn("b0_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), _ptr(g), _ptr(b), _ptr(vv),
+                               _RUNNING_TYPES[pdt], float(eps), _ptr(fv), buf.data_ptr(), _threads(x.numel()))
     return y, B0State(buf, n, c)
 
 
@@ -127,10 +127,10 @@ def b0_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], v: Optional[Ten
     n, c, l = _dims(x)
     dy = _like(x, dy)
     dx = torch.empty_like(x)
-    (g, vv), code = _typed(c, x.dtype, weight, v)
-    dg, db, dv = _grads(c, code, wanted)
+    (g, vv), pdt = _typed(c, x.dtype, weight, v)
+    dg, db, dv = _grads(c, pdt, wanted)
     _fn("b0_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, l, layout(x), _ptr(g), _ptr(vv),
-                                code, state.buf.data_ptr(), int(use_batch), _ptr(dg), _ptr(db), _ptr(dv),
+                                _RUNNING_TYPES[pdt], state.buf.data_ptr(), int(use_batch), _ptr(dg), _ptr(db), _ptr(dv),
                                 _threads(x.numel()))
     return dx, dg, db, dv
 

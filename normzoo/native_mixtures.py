@@ -17,9 +17,8 @@ import torch
 from torch import Tensor
 
 from normzoo import native
-from normzoo.native import _D, _I, _I64, _P  # the ctypes argument types of the signature tables
 from normzoo._autograd import grad_as
-from normzoo.native import _ptr, _running_type
+from normzoo.native import _D, _I, _I64, _P, _ptr, _running_type  # _D.._P: the signature tables' ctypes types
 
 _SIGNATURES = {
     "nz_switch_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I, _P, _I, _P, _I, _P, _P, _I, _I, _D, _P, _I, _P, _I, _D, _P,
@@ -42,8 +41,8 @@ def _typed(t: Optional[Tensor], size: int) -> Tuple[Optional[Tensor], int]:
 
 def _grad_buffer(dtype: Optional[torch.dtype], size: int, wanted: bool) -> Tuple[Optional[Tensor], int]:
     """Where a kernel writes a parameter's gradient: a ``(size,)`` tensor of the parameter's ``dtype`` (float64
-    for a dtype the kernels do not write; :func:`normzoo._autograd.grad_as` converts it), with its type code; ``(None, 0)`` for
-    no parameter or an unwanted gradient."""
+    for a dtype the kernels do not write; :func:`normzoo._autograd.grad_as` converts it), with its type code;
+    ``(None, 0)`` for no parameter or an unwanted gradient."""
     if dtype is None or not wanted:
         return None, 0
     return native._typed_buffer(dtype, size, torch.float64)

@@ -5,9 +5,8 @@ forward+backward, the baseline's forward+backward (the targets' measure; timing 
 would add a third to the cost of the slowest contenders, the paper formulas), a copy of the input (the
 machine's bandwidth at that size), the step of an autograd op that does no work (the fixed cost of a layer written
 as one, :func:`normzoo.bench.harness.empty_step_contender`), and for the BatchNorm family normzoo's BatchNorm
-forward+backward, all in one set of interleaved rounds (:func:`normzoo.bench.harness.interleaved`). Modules are
-in training mode;
-"forward" is the training forward (autograd recording, graph dropped), "forward+backward" is
+forward+backward, all in one set of interleaved rounds (:func:`normzoo.bench.harness.interleaved`). Modules
+are in training mode; "forward" is the training forward (autograd recording, graph dropped), "forward+backward" is
 ``y = m(x); torch.autograd.grad(y, (x, *params), dy)`` with a fixed ``dy``. Inputs, ``dy`` and the copy
 target are allocated once per group and reused; every contender runs once while the group is prepared
 (first calls, page faults), so by default no further warm-up round is needed.
@@ -85,8 +84,12 @@ class _Member:
     dy: Optional[torch.Tensor] = None
 
 
+def _trainable(module: nn.Module) -> List[torch.Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def _train_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
-    inputs = (x,) + tuple(p for p in module.parameters() if p.requires_grad)
+    inputs = (x, *_trainable(module))
 
     def step() -> object:
         y = module(x)
@@ -156,7 +159,7 @@ def _contenders(members: Sequence[_Member]) -> Dict[str, Callable[[], object]]:
         copy = harness.copy_contender(x)[0]
         copy()  # touch the destination's pages before timing
         out[f"{dt}/copy"] = copy
-        empty = harness.empty_step_contender(x, dy, [p for p in subject.parameters() if p.requires_grad])
+        empty = harness.empty_step_contender(x, dy, _trainable(subject))
         empty()
         out[f"{dt}/empty/fb"] = empty
         if m.reference is not None:

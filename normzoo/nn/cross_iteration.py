@@ -61,7 +61,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from normzoo import _checks, native_window
-from normzoo.channel_norm import Policy, batch_window_norm, channel_norm, fixed_affine
+from normzoo.channel_norm import Policy, channel_norm, fixed_affine
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
 from normzoo.running import Running, count_batch_
@@ -407,8 +407,10 @@ class _CrossIterationBatchNorm(NormBase):
         if use_window:  # the past iterations as constant moments, merged into the batch's in channel_norm
             mean_p, var_p = self._past()
             extra = self._window_moments(mean_p, var_p)
+        own: list = []
         running = Running(running_mean, running_var, factor) if self.track_running_stats else None
-        y, merged, cur = batch_window_norm(x, weight, bias, self.eps, extra, running)  # cur: the batch's own
+        y, merged = channel_norm(x, weight, bias, Policy("batch"), self.eps, extra=extra, running=running, own=own)
+        cur = own[0]  # the batch's own moments, (1, C)
         old = self._record(step % (k - 1), cur, captured, keep_old=use_window) if record else None
         if use_window:  # what last_window is built from, on access: the slot this step overwrote is in old
             compensated = mean_p is not self._buffers["window_mean"]  # else the buffers, changed since
