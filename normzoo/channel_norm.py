@@ -119,13 +119,14 @@ class _GroupFn(torch.autograd.Function):
     kernels, :func:`normzoo.native.group_forward` and ``group_backward``: each block of ``x`` is read once
     per pass, and the parameter gradients come out of the backward kernel. Kept lean on purpose (one call
     each way, nothing else): at small sizes the Python cost of an op is a visible part of a layer's time.
-    ``out`` receives the statistics block (float64 ``(3, N, G)``: mean, M2, rstd), constants for autograd."""
+    ``lay``: ``x``'s layout, as :func:`normzoo.native.supported_layout` gave it. ``out`` receives the statistics
+    block (float64 ``(3, N, G)``: mean, M2, rstd), constants for autograd."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], groups: int, eps: float,
-                mode: str, out: list) -> Tensor:
-        y, stats = native.group_forward(x, groups, weight, bias, eps, mode)
-        ctx.groups, ctx.mode, ctx.bias_dtype = groups, mode, None if bias is None else bias.dtype
+                mode: str, lay: int, out: list) -> Tensor:
+        y, stats = native.group_forward(x, groups, weight, bias, eps, mode, lay=lay)
+        ctx.groups, ctx.mode, ctx.lay, ctx.bias_dtype = groups, mode, lay, None if bias is None else bias.dtype
         ctx.save_for_backward(x, weight, stats)
         out.append(stats)
         return y
@@ -135,9 +136,9 @@ class _GroupFn(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
         def kernel(x: Tensor, weight: Optional[Tensor], stats: Tensor, dgamma: bool, dbeta: bool) -> Tuple:
             return native.group_backward(dy, x, ctx.groups, weight, stats, ctx.mode, dgamma, dbeta,
-                                         bias_dtype=ctx.bias_dtype)[:3]
+                                         bias_dtype=ctx.bias_dtype, lay=ctx.lay)[:3]
 
-        return (*fused_backward(ctx, kernel), None, None, None, None)
+        return (*fused_backward(ctx, kernel), None, None, None, None, None)
 
 
 class _BatchFn(torch.autograd.Function):
@@ -147,22 +148,22 @@ class _BatchFn(torch.autograd.Function):
     ``extra``: constant moments merged into every channel (Cross-Iteration BN's window, scalar count); the
     backward then runs with the merged count. ``out`` receives the forward's statistics block (float64
     ``(3, C)``: mean, M2, rstd; with ``extra`` ``(5, C)``, the merged ones, then the batch's own mean and M2)
-    and whether the running statistics were updated."""
+    and whether the running statistics were updated. ``lay`` as in :class:`_GroupFn`."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
-                extra: Optional[Moments], running: Optional[Running], out: list) -> Tensor:
-        c = x.shape[1]
+                extra: Optional[Moments], running: Optional[Running], lay: int, out: list) -> Tensor:
         in_c = running is not None and native.running_update_applies(running.mean, running.var)
         run = (running.mean, running.var, running.momentum) if in_c else ()
-        ctx.merged_count = None
+        merged_count = None
         if extra is None:
-            y, stats = native.batch_forward(x, weight, bias, eps, mode, *run)
+            y, stats = native.batch_forward(x, weight, bias, eps, mode, *run, lay=lay)
         else:  # the backward runs with the merged count
             extra_count = float(extra.count)
-            y, stats = native.batch_merged_forward(x, weight, bias, eps, mode, extra_count, extra.mean, extra.m2, *run)
-            ctx.merged_count = x.numel() // c + extra_count
-        ctx.mode, ctx.bias_dtype = mode, None if bias is None else bias.dtype
+            y, stats = native.batch_merged_forward(x, weight, bias, eps, mode, extra_count, extra.mean, extra.m2, *run,
+                                                   lay=lay)
+            merged_count = x.numel() // x.shape[1] + extra_count
+        ctx.mode, ctx.merged_count, ctx.lay, ctx.bias_dtype = mode, merged_count, lay, None if bias is None else bias.dtype
         ctx.save_for_backward(x, weight, stats)
         out += (stats, in_c)
         return y
@@ -172,9 +173,9 @@ class _BatchFn(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
         def kernel(x: Tensor, weight: Optional[Tensor], stats: Tensor, dgamma: bool, dbeta: bool) -> Tuple:
             return native.batch_backward(dy, x, weight, stats, ctx.mode, dgamma, dbeta, ctx.merged_count,
-                                         ctx.bias_dtype)
+                                         ctx.bias_dtype, lay=ctx.lay)
 
-        return (*fused_backward(ctx, kernel), None, None, None, None, None)
+        return (*fused_backward(ctx, kernel), None, None, None, None, None, None)
 
 
 class _ChannelNormFn(torch.autograd.Function):
@@ -282,17 +283,19 @@ def channel_norm(
     out: list = []
     scalar_extra = extra is None or not isinstance(extra.count, Tensor) or extra.count.numel() == 1
     wanted = moments or running is not None or own is not None
-    if prepared is None and policy.over == "batch" and mode != "rms" and scalar_extra and native.supports(x):
-        y = _batch_apply(x, weight, bias, eps, mode, extra, running, out)
+    lay = native.supported_layout(x)
+    if prepared is None and policy.over == "batch" and mode != "rms" and scalar_extra and lay is not None:
+        y = _batch_apply(x, weight, bias, eps, mode, extra, running, lay, out)
         stats, running_done = out
         if not (moments or own is not None or (running is not None and not running_done)):
             return y, None
         stats = stats.unsqueeze(1)  # rows of (1, C)
         mean, m2 = stats[0], stats[1]
         own_mean, own_m2 = (mean, m2) if extra is None else (stats[3], stats[4])
-    elif prepared is None and extra is None and policy.over != "batch" and x.dim() > 2 and native.supports(x):
+    elif prepared is None and extra is None and policy.over != "batch" and x.dim() > 2 and lay is not None:
         # statistics local to a sample: one fused pass reads each block once
-        y = _group_apply(x, weight, bias, x.shape[1] if policy.over == "instance" else policy.groups, eps, mode, out)
+        y = _group_apply(x, weight, bias, x.shape[1] if policy.over == "instance" else policy.groups, eps, mode, lay,
+                         out)
         if not wanted:
             return y, None
         mean = own_mean = out[0][0]
@@ -318,10 +321,11 @@ def batch_stats_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     BatchNorm: ``"mean"``), ``running`` updated with them. The layers' hot path, as :func:`sample_norm`: straight
     to the fused native op (which also updates float32, float64 or bfloat16 running buffers), otherwise
     :func:`channel_norm`. The caller has checked the arguments."""
-    if native.supports(x):
+    lay = native.supported_layout(x)
+    if lay is not None:
         native.wake_workers(x)
         out: list = []
-        y = _batch_apply(x, weight, bias, eps, mode, None, running, out)
+        y = _batch_apply(x, weight, bias, eps, mode, None, running, lay, out)
         stats, running_done = out
         if running is not None and not running_done:
             running.update(Moments(x.numel() // x.shape[1], stats[0], stats[1]))
@@ -338,9 +342,10 @@ def sample_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], gro
     sizes every Python call before the kernel shows in a step's time; otherwise :func:`channel_norm`. The
     caller has checked the arguments.
     """
-    if x.dim() > 2 and native.supports(x):
+    lay = native.supported_layout(x) if x.dim() > 2 else None
+    if lay is not None:
         native.wake_workers(x)
-        return _group_apply(x, weight, bias, groups, eps, mode, [])
+        return _group_apply(x, weight, bias, groups, eps, mode, lay, [])
     policy = Policy("instance") if groups == x.shape[1] else Policy("group", groups)
     return channel_norm(x, weight, bias, policy, eps, mode=mode, moments=False)[0]
 

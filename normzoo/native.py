@@ -522,13 +522,20 @@ def _channels_last_strides(shape: Sequence[int], strides: Sequence[int]) -> bool
 
 def supports(x: Tensor) -> bool:
     """Whether the native kernels can take ``x`` (CPU, float32/float64/bfloat16, contiguous or channels_last)."""
-    return (
-        x.is_cpu  # (x.device.type builds a device object: several times the cost, after a kernel has run)
-        and x.dtype in _TYPES
-        and x.numel() > 0
-        and layout(x) is not None
-        and _enabled()
-    )
+    return supported_layout(x) is not None
+
+
+def supported_layout(x: Tensor) -> Optional[int]:
+    """``x``'s :func:`layout` where the native kernels can take ``x`` (:func:`supports`), else ``None``.
+
+    For a layer's hot path, which asks once and hands the answer on to the kernels' wrappers (their ``lay``
+    argument) and to its backward: after the thread has slept, every call into a tensor's Python binding costs
+    about half a microsecond, and a layer's step made a dozen redundant ones.
+    """
+    # (x.device.type builds a device object: several times the cost of x.is_cpu, after a kernel has run)
+    if x.is_cpu and x.dtype in _TYPES and x.numel() > 0 and _enabled():
+        return layout(x)
+    return None
 
 
 def _threads(numel: int) -> int:
@@ -547,17 +554,25 @@ def _nc(t: Tensor, n: int, c: int) -> Tensor:
     return t.to(torch.float64).expand(n, c).contiguous()
 
 
+_fn_cache: Dict[Tuple[str, torch.dtype], Any] = {}
+
+
 def _fn(name: str, dtype: torch.dtype):
-    """The core's kernel ``nz_<name>_<dtype's suffix>`` (:func:`entry`)."""
-    return entry(f"nz_{name}_{{suf}}", dtype)
+    """The core's kernel ``nz_<name>_<dtype's suffix>`` (:func:`entry`), looked up by ``(name, dtype)``."""
+    fn = _fn_cache.get((name, dtype))
+    if fn is None:
+        fn = _fn_cache[name, dtype] = entry(f"nz_{name}_{{suf}}", dtype)
+    return fn
 
 
-def _like(x: Tensor, other: Tensor) -> Tensor:
-    """``other`` in ``x``'s memory layout (a copy only when the layouts differ)."""
-    if other.dtype == x.dtype and (other.stride() == x.stride() or layout(other) == layout(x)):
+def _like(x: Tensor, other: Tensor, lay: Optional[int] = None) -> Tensor:
+    """``other`` in ``x``'s memory layout and dtype (a copy only when they differ); ``lay``: ``x``'s :func:`layout`,
+    where the caller knows it."""
+    lay = layout(x) if lay is None else lay
+    if other.dtype == x.dtype and layout(other) == lay:
         return other
-    fmt = torch.contiguous_format if layout(x) == 0 else (torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-    if x.dim() in (4, 5) or layout(x) == 0:
+    fmt = torch.contiguous_format if lay == 0 else (torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    if x.dim() in (4, 5) or lay == 0:
         return other.to(x.dtype).contiguous(memory_format=fmt)
     return other.to(x.dtype).movedim(1, -1).contiguous().movedim(-1, 1)
 
@@ -611,6 +626,10 @@ def _arith(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+#: :func:`_arith` of the dtypes the kernels take, for the wrappers below (a lookup, not a call).
+_ARITH = {dtype: _arith(dtype) for dtype in _TYPES}
+
+
 def _typed_param(t: Optional[Tensor], size: int, fallback: torch.dtype) -> Tuple[Optional[Tensor], int]:
     """A parameter as the kernels read it, with its type code (those of :data:`_RUNNING_TYPES`): itself where it
     is a contiguous tensor of ``size`` values of a type they read (float32, float64, bfloat16: a bfloat16 model's
@@ -632,11 +651,16 @@ def _typed_buffer(dtype: Optional[torch.dtype], size: int, fallback: torch.dtype
 
 
 def _grad_out(wanted: bool, size: int, param_dtype: Optional[torch.dtype], code: int,
-              dtype: torch.dtype) -> Tuple[Optional[Tensor], int]:
+              arith: torch.dtype) -> Tuple[Optional[Tensor], int]:
     """The core kernels' buffer for a parameter's gradient, which they write in the type they read the parameter
-    in: ``(buffer, its code)`` in ``param_dtype`` (the parameter's, or the dtype of one not passed) or ``dtype``
-    input's arithmetic type; where not wanted ``(None, code)``, the parameter's code kept."""
-    return _typed_buffer(param_dtype, size, _arith(dtype)) if wanted else (None, code)
+    in: ``(buffer, its code)`` in ``param_dtype`` (the parameter's, or the dtype of one not passed) where they
+    write that type, else in ``arith`` (the input's arithmetic type); where not wanted ``(None, code)``, the
+    parameter's code kept. (Written out rather than through :func:`_typed_buffer`: a backward makes two or three
+    of these, and a Python call costs a microsecond there after the thread has slept.)"""
+    if not wanted:
+        return None, code
+    want = param_dtype if param_dtype in _RUNNING_TYPES else arith
+    return torch.empty(size, dtype=want), _RUNNING_TYPES[want]
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
@@ -680,21 +704,22 @@ _MODES = {"standard": 0, "mean": 1, "rms": 2}
 
 
 def group_forward(x: Tensor, groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                  mode: str, tau: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                  mode: str, tau: Optional[Tensor] = None, lay: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Fused per-(sample, channel group) normalization of ``x`` ``(N, C, *S)``: ``y`` and the group statistics,
     one float64 ``(3, N, G)`` block of ``mean``, ``M2`` and ``rstd`` (one allocation: a layer's hot path
     does not pay for three tensors it may never look at). Reads ``x`` once from memory (the block stays in
-    cache). ``tau`` ``(C,)``: the TLU after the affine map, ``y = max(gamma x_hat + beta, tau)`` (FRN)."""
-    n, c = x.shape[0], x.shape[1]
+    cache). ``tau`` ``(C,)``: the TLU after the affine map, ``y = max(gamma x_hat + beta, tau)`` (FRN).
+    ``lay``: ``x``'s layout as :func:`supported_layout` gave it (looked up when ``None``)."""
+    shape, numel, dtype = x.shape, x.numel(), x.dtype
+    n, c = shape[0], shape[1]
     y = torch.empty_like(x)
     stats = torch.empty(3, n, groups, dtype=torch.float64)
     p, step = stats.data_ptr(), 8 * n * groups
-    a = _arith(x.dtype)
+    a = _ARITH[dtype]
     (g, gt), (b, bt), (t, tt) = _typed_param(weight, c, a), _typed_param(bias, c, a), _typed_param(tau, c, a)
-    numel = x.numel()
-    _fn("group_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, numel // (n * c), groups, layout(x), _ptr(g), gt,
-                                  _ptr(b), bt, _ptr(t), tt, float(eps), _MODES[mode], p, p + step, p + 2 * step,
-                                  _threads(numel))
+    _fn("group_forward", dtype)(x.data_ptr(), y.data_ptr(), n, c, numel // (n * c), groups,
+                                layout(x) if lay is None else lay, _ptr(g), gt, _ptr(b), bt, _ptr(t), tt, float(eps),
+                                _MODES[mode], p, p + step, p + 2 * step, _threads(numel))
     return y, stats
 
 
@@ -711,32 +736,39 @@ class GroupGrads(NamedTuple):
 def group_backward(dy: Tensor, x: Tensor, groups: int, weight: Optional[Tensor], stats: Tensor, mode: str,
                    dgamma: bool = True, dbeta: bool = True, bias: Optional[Tensor] = None,
                    tau: Optional[Tensor] = None, dtau: bool = False, drstd: bool = False,
-                   bias_dtype: Optional[torch.dtype] = None) -> GroupGrads:
+                   bias_dtype: Optional[torch.dtype] = None, lay: Optional[int] = None) -> GroupGrads:
     """Fused backward of :func:`group_forward`, from its statistics block ``stats`` (with the same ``bias`` and
     ``tau`` when it had a TLU: ``dy`` then flows where ``gamma x_hat + beta >= tau``, ties included). ``dx``
     always; ``dgamma``, ``dbeta``, ``dtau`` and ``drstd`` where asked for; ``dgamma`` in the weight's dtype and
-    ``dbeta`` in the bias's (``bias``, else ``bias_dtype``) where the kernels write those types."""
-    n, c = x.shape[0], x.shape[1]
-    if stats.shape != (3, n, groups) or stats.dtype != torch.float64 or not stats.is_contiguous():
-        raise ValueError(f"group_backward: stats must be group_forward's contiguous float64 (3, {n}, {groups}) block, "
-                         f"got {stats.dtype} {tuple(stats.shape)}")
-    dy = _like(x, dy)
+    ``dbeta`` in the bias's (``bias``, else ``bias_dtype``) where the kernels write those types.
+    ``lay``: from an autograd op that hands back ``stats`` as :func:`group_forward` gave them for this ``x``, and
+    ``x``'s layout as :func:`supported_layout` gave it (then ``stats`` is not checked again); ``None``: both
+    are checked here."""
+    shape, numel, dtype = x.shape, x.numel(), x.dtype
+    n, c = shape[0], shape[1]
+    if lay is None:
+        if stats.shape != (3, n, groups) or stats.dtype != torch.float64 or not stats.is_contiguous():
+            raise ValueError(f"group_backward: stats must be group_forward's contiguous float64 (3, {n}, {groups}) "
+                             f"block, got {stats.dtype} {tuple(stats.shape)}")
+        lay = layout(x)
+    dy = _like(x, dy, lay)
     dx = torch.empty_like(x)
-    a = _arith(x.dtype)
+    a = _ARITH[dtype]
     (g, gt), (b, bt), (t, tt) = _typed_param(weight, c, a), _typed_param(bias, c, a), _typed_param(tau, c, a)
-    dg, gt = _grad_out(dgamma, c, None if g is None else g.dtype, gt, x.dtype)
-    db, bt = _grad_out(dbeta, c, bias_dtype if b is None else b.dtype, bt, x.dtype)
-    dt, tt = _grad_out(dtau and t is not None, c, None if t is None else t.dtype, tt, x.dtype)
+    dg, gt = _grad_out(dgamma, c, _CODE_DTYPES.get(gt), gt, a)
+    db, bt = _grad_out(dbeta, c, bias_dtype if b is None else _CODE_DTYPES[bt], bt, a)
+    dt, tt = _grad_out(dtau and t is not None, c, _CODE_DTYPES.get(tt), tt, a)
     dr = torch.empty(n, groups, dtype=torch.float64) if drstd else None
-    p, numel = stats.data_ptr(), x.numel()
-    _fn("group_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel // (n * c), groups,
-                                   layout(x), _ptr(g), gt, _ptr(b), bt, _ptr(t), tt, _MODES[mode], p,
-                                   p + 16 * n * groups, _ptr(dg), _ptr(db), _ptr(dt), _ptr(dr), _threads(numel))
+    p = stats.data_ptr()
+    _fn("group_backward", dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel // (n * c), groups, lay,
+                                 _ptr(g), gt, _ptr(b), bt, _ptr(t), tt, _MODES[mode], p, p + 16 * n * groups, _ptr(dg),
+                                 _ptr(db), _ptr(dt), _ptr(dr), _threads(numel))
     return GroupGrads(dx, dg, db, dt, dr)
 
 
 # -- BatchNorm training, whole (the per-channel algebra in C too: one call each way) --------------------
 _RUNNING_TYPES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3}
+_CODE_DTYPES = {code: dtype for dtype, code in _RUNNING_TYPES.items()}
 
 
 def running_update_applies(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> bool:
@@ -763,14 +795,15 @@ def _running_type(running_mean: Optional[Tensor], running_var: Optional[Tensor])
 
 def batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
                   running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
-                  momentum: float = 0.0) -> Tuple[Tensor, Tensor]:
+                  momentum: float = 0.0, lay: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """BatchNorm of ``x`` ``(N, C, *S)`` with batch statistics: ``y`` and the channel statistics, one float64
     ``(3, C)`` block of ``mean``, ``M2`` and ``rstd`` (for :func:`batch_backward`).
 
     ``running_mean``/``running_var`` (where :func:`running_update_applies`) are updated in place,
     ``running += momentum * (batch - running)`` with the unbiased batch variance, as ``torch.lerp_`` would.
+    ``lay`` as in :func:`group_forward`.
     """
-    return _batch_forward(x, weight, bias, eps, mode, running_mean, running_var, momentum)
+    return _batch_forward(x, weight, bias, eps, mode, running_mean, running_var, momentum, lay=lay)
 
 
 def batch_renorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -789,7 +822,7 @@ def batch_renorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
 def batch_merged_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
                          extra_count: float, extra_mean: Tensor, extra_m2: Tensor,
                          running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
-                         momentum: float = 0.0) -> Tuple[Tensor, Tensor]:
+                         momentum: float = 0.0, lay: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """BatchNorm of ``x`` with each channel's batch moments merged with constant ones (``extra_count``
     elements with mean ``extra_mean`` and M2 ``extra_m2``, float64 ``(C,)``): Cross-Iteration BN's window.
     Returns ``y`` and a float64 ``(5, C)`` block: the merged ``mean``, ``M2``, ``rstd``, and the batch's own
@@ -803,58 +836,65 @@ def batch_merged_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     else:
         extra = torch.cat([extra_mean.reshape(-1), extra_m2.reshape(-1)]).to(torch.float64)
     return _batch_forward(x, weight, bias, eps, mode, running_mean, running_var, momentum,
-                          extra=(float(extra_count), extra))
+                          extra=(float(extra_count), extra), lay=lay)
 
 
 def _batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
                    limits: Optional[Tuple[float, float]] = None,
-                   extra: Optional[Tuple[float, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+                   extra: Optional[Tuple[float, Tensor]] = None, lay: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """The one native BatchNorm forward behind the three above: ``y`` and one float64 ``(k, C)`` statistics
-    block, rows ``mean, M2, rstd``, then ``r, d`` (``limits``), then the batch's own ``mean, M2`` (``extra``)."""
-    n, c = x.shape[0], x.shape[1]
-    numel = x.numel()
+    block, rows ``mean, M2, rstd``, then ``r, d`` (``limits``), then the batch's own ``mean, M2`` (``extra``).
+    ``lay`` as in :func:`group_forward`."""
+    shape, numel, dtype = x.shape, x.numel(), x.dtype
+    n, c = shape[0], shape[1]
     l = numel // (n * c)
     y = torch.empty_like(x)
-    stats = torch.empty(3 + 2 * bool(limits) + 2 * bool(extra), c, dtype=torch.float64)
+    rows = 3 + 2 * bool(limits) + 2 * bool(extra)
+    stats = torch.empty(rows, c, dtype=torch.float64)
     p, row = stats.data_ptr(), 8 * c
-    (g, gt), (b, bt) = _typed_param(weight, c, _arith(x.dtype)), _typed_param(bias, c, _arith(x.dtype))
+    a = _ARITH[dtype]
+    (g, gt), (b, bt) = _typed_param(weight, c, a), _typed_param(bias, c, a)
     run_type = _running_type(running_mean, running_var)
     r_max, d_max = limits if limits else (0.0, 0.0)
     count, mm = (n * l + extra[0], extra[1]) if extra else (float(n * l), None)
-    _fn("batch_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), _ptr(g), gt, _ptr(b), bt, float(eps),
-                                  _MODES[mode], p, p + row, p + 2 * row, _ptr(running_mean), _ptr(running_var),
-                                  run_type, float(momentum), p + 3 * row if limits else None, float(r_max),
-                                  float(d_max), float(count), _ptr(mm), p + (stats.shape[0] - 2) * row if extra else None,
-                                  _threads(numel))
+    _fn("batch_forward", dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x) if lay is None else lay, _ptr(g), gt,
+                                _ptr(b), bt, float(eps), _MODES[mode], p, p + row, p + 2 * row, _ptr(running_mean),
+                                _ptr(running_var), run_type, float(momentum), p + 3 * row if limits else None,
+                                float(r_max), float(d_max), float(count), _ptr(mm),
+                                p + (rows - 2) * row if extra else None, _threads(numel))
     return y, stats
 
 
 def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tensor, mode: str,
                    dgamma: bool = True, dbeta: bool = True, count: Optional[float] = None,
-                   bias_dtype: Optional[torch.dtype] = None,
-                   renorm: bool = False) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                   bias_dtype: Optional[torch.dtype] = None, renorm: bool = False,
+                   lay: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Backward of :func:`batch_forward` (and its two variants) from the forward's statistics block ``stats``
     (its rows ``mean`` and ``rstd`` are used): ``dx``, and where asked for ``(C,)`` ``dgamma``, ``dbeta``, in the
     weight's and ``bias_dtype`` where the kernels write those types (float32, float64, bfloat16), else float32
     (float64 for float64 input). ``count``: the elements behind the statistics when more than the batch's
     (:func:`batch_merged_forward`). ``renorm``: the backward of :func:`batch_renorm_forward`, whose block's
     rows 3 and 4 hold ``r`` and ``d``: BatchNorm's with the weight ``gamma r``, and
-    ``dgamma = r sum dy x_hat + d sum dy``."""
-    n, c = x.shape[0], x.shape[1]
-    if stats.dim() != 2 or stats.shape[0] < (5 if renorm else 3) or stats.shape[1] != c \
-            or stats.dtype != torch.float64 or not stats.is_contiguous():
-        raise ValueError(f"batch_backward: stats must be a batch{' renorm' if renorm else ''} forward's contiguous "
-                         f"float64 (k, {c}) block, got {stats.dtype} {tuple(stats.shape)}")
-    dy = _like(x, dy)
+    ``dgamma = r sum dy x_hat + d sum dy``. ``lay`` as in :func:`group_backward`."""
+    shape, numel, dtype = x.shape, x.numel(), x.dtype
+    n, c = shape[0], shape[1]
+    if lay is None:
+        if stats.dim() != 2 or stats.shape[0] < (5 if renorm else 3) or stats.shape[1] != c \
+                or stats.dtype != torch.float64 or not stats.is_contiguous():
+            raise ValueError(f"batch_backward: stats must be a batch{' renorm' if renorm else ''} forward's "
+                             f"contiguous float64 (k, {c}) block, got {stats.dtype} {tuple(stats.shape)}")
+        lay = layout(x)
+    dy = _like(x, dy, lay)
     dx = torch.empty_like(x)
-    g, gt = _typed_param(weight, c, _arith(x.dtype))
-    dg, gt = _grad_out(dgamma, c, None if g is None else g.dtype, gt, x.dtype)
-    db, bt = _grad_out(dbeta, c, bias_dtype, 0, x.dtype)
-    p, numel = stats.data_ptr(), x.numel()
-    _fn("batch_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel // (n * c), layout(x),
-                                   _ptr(g), gt, p, p + 16 * c, _MODES[mode], float(count or 0.0),
-                                   p + 24 * c if renorm else None, _ptr(dg), _ptr(db), bt, _threads(numel))
+    a = _ARITH[dtype]
+    g, gt = _typed_param(weight, c, a)
+    dg, gt = _grad_out(dgamma, c, _CODE_DTYPES.get(gt), gt, a)
+    db, bt = _grad_out(dbeta, c, bias_dtype, 0, a)
+    p = stats.data_ptr()
+    _fn("batch_backward", dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel // (n * c), lay, _ptr(g), gt,
+                                 p, p + 16 * c, _MODES[mode], float(count or 0.0), p + 24 * c if renorm else None,
+                                 _ptr(dg), _ptr(db), bt, _threads(numel))
     return dx, dg, db
 
 
@@ -866,36 +906,42 @@ def rownorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     affine: ``y`` (like ``x``) and the rows' statistics, one float64 ``(2, R)`` block of ``centre`` and ``rstd``
     (``R = x.numel() / d``; one allocation, one tensor to save)."""
     d = x.shape[-1] if d is None else d
-    r = x.numel() // d
+    numel, dtype = x.numel(), x.dtype
+    r = numel // d
     y = torch.empty_like(x)
     stats = torch.empty(2, r, dtype=torch.float64)
     p = stats.data_ptr()
-    (g, gt), (b, bt) = _typed_param(weight, d, _arith(x.dtype)), _typed_param(bias, d, _arith(x.dtype))
-    _fn("rownorm_forward", x.dtype)(x.data_ptr(), y.data_ptr(), r, d, _ptr(g), gt, _ptr(b), bt, float(eps), int(rms),
-                                    p, p + 8 * r, _threads(x.numel()))
+    a = _ARITH[dtype]
+    (g, gt), (b, bt) = _typed_param(weight, d, a), _typed_param(bias, d, a)
+    _fn("rownorm_forward", dtype)(x.data_ptr(), y.data_ptr(), r, d, _ptr(g), gt, _ptr(b), bt, float(eps), int(rms),
+                                  p, p + 8 * r, _threads(numel))
     return y, stats
 
 
 def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tensor, rms: bool,
                      dgamma: bool = True, dbeta: bool = True, d: Optional[int] = None,
-                     bias_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                     bias_dtype: Optional[torch.dtype] = None,
+                     trusted: bool = False) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """``dx`` (like ``x``), and where asked for the column sums ``dgamma = sum dy * x_hat``, ``dbeta = sum dy``
     (``(D,)``, in the weight's and ``bias_dtype`` as :func:`batch_backward`), from :func:`rownorm_forward`'s
-    statistics block. Rows as there."""
+    statistics block. Rows as there. ``trusted``: from an autograd op that hands back ``stats`` as
+    :func:`rownorm_forward` gave them for this ``x`` (then not checked again)."""
     d = x.shape[-1] if d is None else d
-    r = x.numel() // d
-    if stats.shape != (2, r) or stats.dtype != torch.float64 or not stats.is_contiguous():
+    numel, dtype = x.numel(), x.dtype
+    r = numel // d
+    if not trusted and (stats.shape != (2, r) or stats.dtype != torch.float64 or not stats.is_contiguous()):
         raise ValueError(f"rownorm_backward: stats must be rownorm_forward's contiguous float64 (2, {r}) block, "
                          f"got {stats.dtype} {tuple(stats.shape)}")
-    if dy.dtype != x.dtype or not dy.is_contiguous():
-        dy = dy.to(x.dtype).contiguous()
+    if dy.dtype != dtype or not dy.is_contiguous():
+        dy = dy.to(dtype).contiguous()
     dx = torch.empty_like(x)
-    g, gt = _typed_param(weight, d, _arith(x.dtype))
-    dg, gt = _grad_out(dgamma, d, None if g is None else g.dtype, gt, x.dtype)
-    db, bt = _grad_out(dbeta, d, bias_dtype, 0, x.dtype)
+    a = _ARITH[dtype]
+    g, gt = _typed_param(weight, d, a)
+    dg, gt = _grad_out(dgamma, d, _CODE_DTYPES.get(gt), gt, a)
+    db, bt = _grad_out(dbeta, d, bias_dtype, 0, a)
     p = stats.data_ptr()
-    _fn("rownorm_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), r, d, _ptr(g), gt, int(rms),
-                                     p, p + 8 * r, _ptr(dg), _ptr(db), bt, _threads(x.numel()))
+    _fn("rownorm_backward", dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), r, d, _ptr(g), gt, int(rms),
+                                   p, p + 8 * r, _ptr(dg), _ptr(db), bt, _threads(numel))
     return dx, dg, db
 
 
