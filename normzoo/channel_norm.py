@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from normzoo import _checks, kernels, native
+from normzoo import _checks, kernels, native, native_ops
 from normzoo._autograd import grad_as, lean_apply, once_differentiable
 from normzoo.running import Running
 from normzoo.stats import Moments, ill_conditioned
@@ -285,8 +285,16 @@ def channel_norm(
     wanted = moments or running is not None or own is not None
     lay = native.supported_layout(x)
     if prepared is None and policy.over == "batch" and mode != "rms" and scalar_extra and lay is not None:
-        y = _batch_apply(x, weight, bias, eps, mode, extra, running, lay, out)
-        stats, running_done = out
+        compiled = native_ops.ops()
+        if compiled is not None:  # the same op with its autograd in C++; it updates the running statistics
+            run = (running.mean, running.var, running.momentum) if running is not None else (None, None, 0.0)
+            window = (float(extra.count), extra.mean, extra.m2) if extra is not None else (0.0, None, None)
+            y, stats = compiled.batch_norm_stats(x, weight, bias, *run, eps, native._MODES[mode], lay, False, 0.0, 0.0,
+                                                 *window)
+            running_done = running is not None
+        else:
+            y = _batch_apply(x, weight, bias, eps, mode, extra, running, lay, out)
+            stats, running_done = out
         if not (moments or own is not None or (running is not None and not running_done)):
             return y, None
         stats = stats.unsqueeze(1)  # rows of (1, C)
@@ -324,6 +332,12 @@ def batch_stats_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     lay = native.supported_layout(x)
     if lay is not None:
         native.wake_workers(x)
+        compiled = native_ops.ops()
+        if compiled is not None:  # the same op with its autograd in C++ (it also updates the running statistics)
+            if running is None:
+                return compiled.batch_norm(x, weight, bias, None, None, 0.0, eps, native._MODES[mode], lay)
+            return compiled.batch_norm(x, weight, bias, running.mean, running.var, running.momentum, eps,
+                                       native._MODES[mode], lay)
         out: list = []
         y = _batch_apply(x, weight, bias, eps, mode, None, running, lay, out)
         stats, running_done = out
@@ -345,6 +359,9 @@ def sample_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], gro
     lay = native.supported_layout(x) if x.dim() > 2 else None
     if lay is not None:
         native.wake_workers(x)
+        compiled = native_ops.ops()
+        if compiled is not None:  # the same op with its autograd in C++
+            return compiled.group_norm(x, weight, bias, groups, eps, native._MODES[mode], lay)
         return _group_apply(x, weight, bias, groups, eps, mode, lay, [])
     policy = Policy("instance") if groups == x.shape[1] else Policy("group", groups)
     return channel_norm(x, weight, bias, policy, eps, mode=mode, moments=False)[0]

@@ -89,10 +89,20 @@ def _source_text() -> str:
 
 
 def _compiler() -> Optional[str]:
-    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
+    return find_compiler(os.environ.get("CC"), "cc", "gcc", "clang")
+
+
+def find_compiler(*candidates: Optional[str]) -> Optional[str]:
+    """The first of ``candidates`` (commands; ``None`` skipped) found on the ``PATH``, or ``None``."""
+    for cand in candidates:
         if cand and shutil.which(cand):
             return cand
     return None
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: ``$NORMZOO_CACHE``, else ``~/.cache/normzoo``."""
+    return Path(os.environ.get("NORMZOO_CACHE", Path.home() / ".cache" / "normzoo"))
 
 
 def _cpu_id() -> str:
@@ -195,7 +205,7 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     src = _source_text()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    cache = Path(os.environ.get("NORMZOO_CACHE", Path.home() / ".cache" / "normzoo"))
+    cache = cache_dir()
     include = _python_include()
     variants = [(src, [], [])]  # (source, flags, what else the build depends on)
     if include is not None and os.environ.get("NORMZOO_ENTRY_POINTS", "1").lower() not in ("0", "false", "no", "off"):

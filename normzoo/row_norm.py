@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from normzoo import native
+from normzoo import native, native_ops
 from normzoo._autograd import lean_apply, once_differentiable
 
 
@@ -65,13 +65,17 @@ _row_apply = lean_apply(_RowNormFn)
 
 def applies(x: Tensor, d: int) -> bool:
     """Whether the fused native row kernels can take ``x`` as rows of ``d`` values (contiguous, d > 0)."""
-    return d > 0 and x.numel() > 0 and x.is_contiguous() and native.supports(x)
+    lay = native.supported_layout(x)  # contiguous: 0, or 1 for 2-D (channels_last tensors are 1 too)
+    return d > 0 and lay is not None and (lay == 0 or x.dim() == 2)
 
 
 def row_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], d: int, eps: float, rms: bool) -> Tensor:
     """``x`` (contiguous, its trailing dims holding ``d`` values per row) normalized over each row with a
     per-column affine (``weight``/``bias`` of ``d`` values, any shape); the result has ``x``'s shape."""
     native.wake_workers(x)
+    compiled = native_ops.ops()
+    if compiled is not None:  # the same op with its autograd in C++
+        return compiled.row_norm(x, weight, bias, d, eps, rms)
     return _row_apply(x, weight, bias, d, eps, rms)
 
 

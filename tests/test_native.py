@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from normzoo import functional as F
-from normzoo import native
+from normzoo import native, native_ops
 
 
 def test_native_kernels_build_where_a_compiler_exists():
@@ -15,13 +15,18 @@ def test_native_kernels_build_where_a_compiler_exists():
 
 
 @pytest.fixture(autouse=True)
-def threaded(monkeypatch):
-    """Split even these small test tensors over two threads, so the per-thread code paths run."""
-    monkeypatch.setattr(native, "PARALLEL_THRESHOLD", 1024)
+def threaded():
+    """Split even these small test tensors over two threads, so the per-thread code paths run (in the compiled
+    operators too, which keep their own copy of the threshold)."""
+    old = native.PARALLEL_THRESHOLD
+    native.PARALLEL_THRESHOLD = 1024
+    native_ops.rebind()
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(threads)
+    native.PARALLEL_THRESHOLD = old
+    native_ops.rebind()
 
 
 def _openmp_available() -> bool:
@@ -59,9 +64,24 @@ def fallback(monkeypatch):
     """Run the code under test with the native kernels switched off."""
     def run(fn, *args):
         with monkeypatch.context() as m:
-            m.setattr(native, "supports", lambda x: False)
+            m.setattr(native, "supported_layout", lambda x: None)  # (native.supports asks it)
             return fn(*args)
     return run
+
+
+def test_the_fallback_fixture_keeps_every_layer_off_the_kernels(fallback, monkeypatch):
+    """What ``fallback`` runs reaches neither the kernels' wrappers nor the compiled operators (which the layers
+    reach through native.supported_layout): the comparisons below compare two different paths."""
+    calls = []
+    real_fn, real_ops = native._fn, native_ops.ops
+    monkeypatch.setattr(native, "_fn", lambda *a: calls.append(a) or real_fn(*a))
+    monkeypatch.setattr(native_ops, "ops", lambda: calls.append("ops") or real_ops())
+    x, w, b, g = _inputs((4, 8, 5, 8), torch.float32, False, seed=3)  # C = D = 8: one w, b for every layer
+    for fn in (*LAYERS.values(), *_CORE_WITH_PARAMS.values()):
+        fallback(_fwd_bwd, fn, x, w, b, g)
+    assert calls == []
+    _fwd_bwd(LAYERS["gn"], x, w, b, g)  # and the spies see the native path
+    assert calls
 
 
 LAYERS = {

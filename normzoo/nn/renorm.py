@@ -45,7 +45,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from normzoo import _checks, kernels, native
+from normzoo import _checks, kernels, native, native_ops
 from normzoo._autograd import lean_apply, once_differentiable
 from normzoo.channel_norm import Policy, channel_norm, fixed_affine, fused_backward
 from normzoo.nn._base import NormBase
@@ -131,8 +131,13 @@ def _batch_renorm_checked_input(name: str, input: Tensor, running_mean: Optional
     if not training:
         return fixed_affine(input, running_mean, running_var, weight, bias, eps), None
     _checks.check_batch_stats(name, input, input.numel() // c if input.numel() else 0)
-    if native.supports(input) and native.running_update_applies(running_mean, running_var):
+    lay = native.supported_layout(input)
+    if lay is not None and native.running_update_applies(running_mean, running_var):
         native.wake_workers(input)
+        compiled = native_ops.ops()
+        if compiled is not None:  # the same op with its autograd in C++
+            return compiled.batch_norm_stats(input, weight, bias, running_mean, running_var, momentum, eps, 0, lay,
+                                             True, r_max, d_max, 0.0, None, None)
         out: list = []
         y = _renorm_apply(input, weight, bias, running_mean, running_var, momentum, eps, r_max, d_max, out)
         return y, out[0]

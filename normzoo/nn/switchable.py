@@ -45,7 +45,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from normzoo import _checks, kernels, native, native_mixtures
+from normzoo import _checks, kernels, native, native_mixtures, native_ops
 from normzoo._autograd import lean_apply, once_differentiable
 from normzoo.channel_norm import batch_or_running, native_batch_or_running
 from normzoo.nn._base import NormBase
@@ -168,6 +168,10 @@ def _switchable_norm(name: str, input: Tensor, mean_logits: Tensor, var_logits: 
                                  running_var=running_var)
     use_batch = native_batch_or_running(name, input, running_mean, running_var, training)
     if use_batch is not None:
+        compiled = native_ops.ops()
+        if compiled is not None:  # the same op with its autograd in C++
+            return compiled.switchable_norm(input, weight, bias, mean_logits, var_logits, running_mean, running_var,
+                                            use_batch, training, momentum, eps, native.layout(input))
         return _switch_apply(input, weight, bias, mean_logits, var_logits, running_mean, running_var,
                              use_batch, training, momentum, eps)
     st = batch_or_running(name, input, running_mean, running_var, training)

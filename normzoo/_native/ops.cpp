@@ -1,0 +1,644 @@
+// normzoo's fused layers as PyTorch operators with their autograd in C++ (torch.ops.normzoo.*).
+//
+// The same work as the Python autograd ops of normzoo.channel_norm (_GroupFn, _BatchFn) and normzoo.row_norm
+// (_RowNormFn): one call into the C kernels each way, on the kernels' own statistics block. Written here so that
+// a layer's step runs no Python between its forward and its backward: the engine calls a C++ node, not a Python
+// one, and the allocations and argument checks are C++ calls. Built and loaded by normzoo.native_ops, which
+// hands over the kernels' addresses (bind); the Python ops remain where this cannot be built.
+//
+// Conventions, as the Python ops: affine parameters go to the kernels as a pointer and a type code (float32 1,
+// float64 2, bfloat16 3; any other dtype, or a non-contiguous parameter, as a contiguous copy in the input's
+// arithmetic type: float64 for float64 input, float32 otherwise), their gradients come back in the parameter's
+// dtype and shape. The backward is first-order only: under create_graph its results refuse a second derivative
+// with the message of torch.autograd.function.once_differentiable.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptionalTensor = std::optional<Tensor>;
+
+// ---- the kernels, by dtype (index 0 float32, 1 float64, 2 bfloat16), as normzoo.native declares them ----
+typedef void (*group_fwd_t)(const void *, void *, int64_t, int64_t, int64_t, int64_t, int, const void *, int,
+                            const void *, int, const void *, int, double, int, double *, double *, double *, int);
+typedef void (*group_bwd_t)(const void *, const void *, void *, int64_t, int64_t, int64_t, int64_t, int, const void *,
+                            int, const void *, int, const void *, int, int, const double *, const double *, void *,
+                            void *, void *, double *, int);
+typedef void (*batch_fwd_t)(const void *, void *, int64_t, int64_t, int64_t, int, const void *, int, const void *, int,
+                            double, int, double *, double *, double *, void *, void *, int, double, double *, double,
+                            double, double, const double *, double *, int);
+typedef void (*batch_bwd_t)(const void *, const void *, void *, int64_t, int64_t, int64_t, int, const void *, int,
+                            const double *, const double *, int, double, const double *, void *, void *, int, int);
+typedef void (*row_fwd_t)(const void *, void *, int64_t, int64_t, const void *, int, const void *, int, double, int,
+                          double *, double *, int);
+typedef void (*row_bwd_t)(const void *, const void *, void *, int64_t, int64_t, const void *, int, int,
+                          const double *, const double *, void *, void *, int, int);
+typedef void (*switch_fwd_t)(const void *, void *, int64_t, int64_t, int64_t, int, const void *, int, const void *,
+                             int, void *, void *, int, int, double, const void *, int, const void *, int, double,
+                             double *, double *, int);
+typedef void (*switch_bwd_t)(const void *, const void *, void *, int64_t, int64_t, int64_t, int, int, const void *, int,
+                             const double *, double *, void *, int, void *, int, void *, int, void *, int, int);
+typedef void (*bin_fwd_t)(const void *, void *, int64_t, int64_t, int64_t, int, const void *, int, void *, void *, int,
+                          int, double, const void *, int, const void *, int, double, double *, double *, int);
+typedef void (*bin_bwd_t)(const void *, const void *, void *, int64_t, int64_t, int64_t, int, int, const void *, int,
+                          const double *, double *, void *, int, void *, int, void *, int, int);
+typedef void (*wake_t)(void);
+
+struct Kernels {
+    std::array<group_fwd_t, 3> group_fwd{};
+    std::array<group_bwd_t, 3> group_bwd{};
+    std::array<batch_fwd_t, 3> batch_fwd{};
+    std::array<batch_bwd_t, 3> batch_bwd{};
+    std::array<row_fwd_t, 3> row_fwd{};
+    std::array<row_bwd_t, 3> row_bwd{};
+    std::array<switch_fwd_t, 3> switch_fwd{};
+    std::array<switch_bwd_t, 3> switch_bwd{};
+    std::array<bin_fwd_t, 3> bin_fwd{};
+    std::array<bin_bwd_t, 3> bin_bwd{};
+    wake_t wake = nullptr;
+    int64_t parallel_threshold = 1 << 16;
+    bool bound = false;
+};
+Kernels k;
+
+// bind(addresses, parallel_threshold): the kernels' addresses in the order above (each family float32, float64,
+// bfloat16), then nz_pool_wake's.
+constexpr size_t kFamilies = 10;
+void bind(at::IntArrayRef addresses, int64_t parallel_threshold) {
+    TORCH_CHECK(addresses.size() == 3 * kFamilies + 1, "normzoo::bind: expected ", 3 * kFamilies + 1,
+                " kernel addresses, got ", addresses.size());
+    auto at_ = [&](size_t i) { return reinterpret_cast<void *>(static_cast<intptr_t>(addresses[i])); };
+    for (size_t d = 0; d < 3; d++) {
+        k.group_fwd[d] = reinterpret_cast<group_fwd_t>(at_(d));
+        k.group_bwd[d] = reinterpret_cast<group_bwd_t>(at_(3 + d));
+        k.batch_fwd[d] = reinterpret_cast<batch_fwd_t>(at_(6 + d));
+        k.batch_bwd[d] = reinterpret_cast<batch_bwd_t>(at_(9 + d));
+        k.row_fwd[d] = reinterpret_cast<row_fwd_t>(at_(12 + d));
+        k.row_bwd[d] = reinterpret_cast<row_bwd_t>(at_(15 + d));
+        k.switch_fwd[d] = reinterpret_cast<switch_fwd_t>(at_(18 + d));
+        k.switch_bwd[d] = reinterpret_cast<switch_bwd_t>(at_(21 + d));
+        k.bin_fwd[d] = reinterpret_cast<bin_fwd_t>(at_(24 + d));
+        k.bin_bwd[d] = reinterpret_cast<bin_bwd_t>(at_(27 + d));
+    }
+    k.wake = reinterpret_cast<wake_t>(at_(3 * kFamilies));
+    k.parallel_threshold = parallel_threshold;
+    k.bound = true;
+}
+
+size_t dtype_index(const Tensor &x) {
+    TORCH_CHECK(k.bound, "normzoo: the compiled operators were loaded but not bound to the kernels");
+    switch (x.scalar_type()) {
+        case at::kFloat: return 0;
+        case at::kDouble: return 1;
+        case at::kBFloat16: return 2;
+        default: TORCH_CHECK(false, "normzoo: the native kernels take float32, float64 or bfloat16, got ", x.scalar_type());
+    }
+}
+
+int threads_for(int64_t numel) {
+    return numel < k.parallel_threshold ? 1 : std::max(1, at::get_num_threads());
+}
+
+// Wake the pool's sleeping workers before a parallel kernel (a no-op on PyTorch's OpenMP team).
+void wake_for(int nthreads) {
+    if (nthreads > 1 && k.wake != nullptr) k.wake();
+}
+
+int type_code(at::ScalarType t) {
+    switch (t) {
+        case at::kFloat: return 1;
+        case at::kDouble: return 2;
+        case at::kBFloat16: return 3;
+        default: return 0;
+    }
+}
+
+at::ScalarType arith_of(const Tensor &x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// A parameter as the kernels read it: itself, or a contiguous copy in the arithmetic type (normzoo.native._typed_param).
+struct Param {
+    Tensor t;
+    int code = 0;
+    const void *ptr() const { return t.defined() ? t.data_ptr() : nullptr; }
+};
+
+Param typed(const Tensor &t, int64_t size, at::ScalarType arith) {
+    if (!t.defined()) return {};
+    TORCH_CHECK(t.is_cpu(), "normzoo: expected CPU parameters for CPU input, got one on ", t.device());
+    const int code = type_code(t.scalar_type());
+    if (code != 0 && t.is_contiguous() && t.numel() == size) return {t, code};
+    return {t.detach().reshape({size}).to(arith).contiguous(), type_code(arith)};
+}
+
+// The buffer a kernel writes a parameter's gradient into: in the dtype it read the parameter in (or the dtype of a
+// parameter it did not read) where it writes that type, else the arithmetic type (normzoo.native._grad_out).
+Tensor grad_buffer(std::optional<at::ScalarType> dtype, int64_t size, at::ScalarType arith, int *code) {
+    const at::ScalarType want = dtype && type_code(*dtype) != 0 ? *dtype : arith;
+    *code = type_code(want);
+    return at::empty({size}, at::TensorOptions().dtype(want));
+}
+
+// A gradient as its parameter: its dtype and shape (normzoo._autograd.grad_as, normzoo.row_norm._as_param).
+Tensor as_param(Tensor grad, at::ScalarType dtype, at::IntArrayRef shape) {
+    if (grad.scalar_type() != dtype) grad = grad.to(dtype);
+    return grad.sizes() == shape ? grad : grad.view(shape);
+}
+
+// normzoo.native.layout: 0 contiguous (N, C, *S), 1 channels_last (a contiguous (N, C) counts as 1), -1 neither.
+int layout_of(const Tensor &t) {
+    if (t.is_contiguous()) return t.dim() == 2 ? 1 : 0;
+    if (t.dim() == 4) return t.is_contiguous(at::MemoryFormat::ChannelsLast) ? 1 : -1;
+    if (t.dim() == 5) return t.is_contiguous(at::MemoryFormat::ChannelsLast3d) ? 1 : -1;
+    if (t.dim() < 3) return -1;
+    int64_t expected = 1;  // (N, *S, C) contiguous: C, then S from the last dim, then N
+    std::vector<int64_t> order{1};
+    for (int64_t d = t.dim() - 1; d > 1; d--) order.push_back(d);
+    order.push_back(0);
+    for (int64_t d : order) {
+        if (t.size(d) != 1) {
+            if (t.stride(d) != expected) return -1;
+            expected *= t.size(d);
+        }
+    }
+    return 1;
+}
+
+// dy in x's dtype and layout (normzoo.native._like).
+Tensor like(const Tensor &x, Tensor dy, int lay) {
+    if (dy.scalar_type() != x.scalar_type()) dy = dy.to(x.scalar_type());
+    if (layout_of(dy) == lay) return dy;
+    if (lay == 0 || x.dim() == 2) return dy.contiguous();
+    if (x.dim() == 4) return dy.contiguous(at::MemoryFormat::ChannelsLast);
+    if (x.dim() == 5) return dy.contiguous(at::MemoryFormat::ChannelsLast3d);
+    return dy.movedim(1, -1).contiguous().movedim(-1, 1);
+}
+
+// torch.autograd.function.once_differentiable's rule: under create_graph, outputs whose derivative raises.
+variable_list first_order_only(variable_list outputs, const variable_list &grads) {
+    if (!at::GradMode::is_enabled()) return outputs;
+    bool any = false;
+    for (const auto &g : grads) any = any || (g.defined() && g.requires_grad());
+    if (!any) return outputs;
+    for (auto &o : outputs) {
+        if (o.defined()) {
+            o = o.detach();
+            o.set_requires_grad(true);
+        }
+    }
+    const auto n = static_cast<int64_t>(outputs.size());
+    return torch::autograd::DelayedError(
+               "trying to differentiate twice a function that was marked with @once_differentiable", n)(
+        std::move(outputs));
+}
+
+std::optional<at::ScalarType> dtype_of(const Tensor &t) {
+    return t.defined() ? std::optional<at::ScalarType>(t.scalar_type()) : std::nullopt;
+}
+
+// Autograd numbers only the tensor arguments given (an absent optional one has no edge): the edge of each.
+struct Edges {
+    size_t next = 1;  // x is edge 0
+    bool wants(AutogradContext *ctx, bool present) { return present && ctx->needs_input_grad(next++); }
+};
+
+// ---- statistics local to a sample: InstanceNorm, GroupNorm, channel-first LayerNorm (channel_norm._GroupFn) ----
+struct GroupOp : public torch::autograd::Function<GroupOp> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &weight,
+                          const OptionalTensor &bias, int64_t groups, double eps, int64_t mode, int64_t lay) {
+        const size_t d = dtype_index(x);
+        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
+        const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+        const Param g = typed(w, c, arith_of(x)), bt = typed(b, c, arith_of(x));
+        Tensor y = at::empty_like(x);
+        Tensor stats = at::empty({3, n, groups}, x.options().dtype(at::kDouble));
+        double *p = stats.data_ptr<double>();
+        k.group_fwd[d](x.data_ptr(), y.data_ptr(), n, c, numel / (n * c), groups, static_cast<int>(lay), g.ptr(),
+                       g.code, bt.ptr(), bt.code, nullptr, 0, eps, static_cast<int>(mode), p, p + n * groups,
+                       p + 2 * n * groups, threads_for(numel));
+        ctx->save_for_backward({x, w, stats});
+        ctx->saved_data["groups"] = groups;
+        ctx->saved_data["mode"] = mode;
+        ctx->saved_data["lay"] = lay;
+        ctx->saved_data["bias_dtype"] = b.defined() ? static_cast<int64_t>(b.scalar_type()) : int64_t(-1);
+        return y;
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &w = saved[1], &stats = saved[2];
+        const size_t d = dtype_index(x);
+        const int64_t groups = ctx->saved_data["groups"].toInt(), bias_code = ctx->saved_data["bias_dtype"].toInt();
+        const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
+        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
+        const int nthreads = threads_for(numel);
+        wake_for(nthreads);
+        const Tensor dy = like(x, grads[0], lay);
+        Tensor dx = at::empty_like(x);
+        const at::ScalarType a = arith_of(x);
+        const Param g = typed(w, c, a);
+        Edges edges;
+        const bool want_w = edges.wants(ctx, w.defined()), want_b = edges.wants(ctx, bias_code >= 0);
+        const std::optional<at::ScalarType> bias_dtype =
+            bias_code >= 0 ? std::optional<at::ScalarType>(static_cast<at::ScalarType>(bias_code)) : std::nullopt;
+        int gcode = g.code, bcode = 0;
+        Tensor dg = want_w ? grad_buffer(dtype_of(g.t), c, a, &gcode) : Tensor();
+        Tensor db = want_b ? grad_buffer(bias_dtype, c, a, &bcode) : Tensor();
+        const double *p = stats.data_ptr<double>();
+        k.group_bwd[d](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel / (n * c), groups, lay, g.ptr(), gcode,
+                       nullptr, bcode, nullptr, 0, static_cast<int>(ctx->saved_data["mode"].toInt()), p,
+                       p + 2 * n * groups, dg.defined() ? dg.data_ptr() : nullptr,
+                       db.defined() ? db.data_ptr() : nullptr, nullptr, nullptr, nthreads);
+        if (want_w) dg = as_param(dg, w.scalar_type(), w.sizes());
+        if (want_b) db = as_param(db, *bias_dtype, {c});
+        return first_order_only({dx, dg, db, Tensor(), Tensor(), Tensor(), Tensor()}, grads);
+    }
+};
+
+Tensor group_norm(const Tensor &x, const OptionalTensor &weight, const OptionalTensor &bias, int64_t groups,
+                  double eps, int64_t mode, int64_t lay) {
+    return GroupOp::apply(x, weight, bias, groups, eps, mode, lay);
+}
+
+// ---- BatchNorm training on the batch's statistics (channel_norm._BatchFn without a merged window) ----
+bool running_in_kernel(const Tensor &mean, const Tensor &var) {  // normzoo.native.running_update_applies
+    const Tensor &first = mean.defined() ? mean : var;
+    if (!first.defined() || type_code(first.scalar_type()) == 0) return false;
+    for (const Tensor *t : {&mean, &var}) {
+        if (t->defined() && !(t->is_cpu() && t->dim() == 1 && t->is_contiguous() &&
+                              t->scalar_type() == first.scalar_type()))
+            return false;
+    }
+    return true;
+}
+
+// The extra inputs of BatchNorm's variants: Batch Renorm's limits (r, d formed in the kernel from the running
+// statistics), Cross-Iteration BN's window (constant moments merged into every channel's).
+struct BatchExtras {
+    bool renorm = false;
+    double r_max = 0.0, d_max = 0.0;
+    double extra_count = 0.0;
+    Tensor extra;  // float64 (2, C): the window's mean and M2; undefined for none
+};
+
+// y and the float64 statistics block, rows mean, M2, rstd (merged ones with a window), then r, d (renorm), then
+// the batch's own mean, M2 (window): normzoo.native._batch_forward's block.
+struct BatchOp : public torch::autograd::Function<BatchOp> {
+    static variable_list forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &weight,
+                                 const OptionalTensor &bias, const OptionalTensor &running_mean,
+                                 const OptionalTensor &running_var, double momentum, double eps, int64_t mode,
+                                 int64_t lay, BatchExtras extras) {
+        const size_t d = dtype_index(x);
+        const int64_t n = x.size(0), c = x.size(1), numel = x.numel(), l = numel / (n * c);
+        const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+        const Tensor rm = running_mean.value_or(Tensor()), rv = running_var.value_or(Tensor());
+        const Param g = typed(w, c, arith_of(x)), bt = typed(b, c, arith_of(x));
+        const bool in_kernel = running_in_kernel(rm, rv), window = extras.extra.defined();
+        TORCH_CHECK(!extras.renorm || in_kernel, "normzoo::batch_norm: Batch Renorm needs running statistics the "
+                    "kernel takes (contiguous (C,) float32, float64 or bfloat16 of one dtype)");
+        Tensor y = at::empty_like(x);
+        const int64_t rows = 3 + 2 * extras.renorm + 2 * window;
+        Tensor stats = at::empty({rows, c}, x.options().dtype(at::kDouble));
+        double *p = stats.data_ptr<double>();
+        const double own = static_cast<double>(n * l);
+        k.batch_fwd[d](x.data_ptr(), y.data_ptr(), n, c, l, static_cast<int>(lay), g.ptr(), g.code, bt.ptr(), bt.code,
+                       eps, static_cast<int>(mode), p, p + c, p + 2 * c,
+                       in_kernel && rm.defined() ? rm.data_ptr() : nullptr,
+                       in_kernel && rv.defined() ? rv.data_ptr() : nullptr,
+                       in_kernel ? type_code((rm.defined() ? rm : rv).scalar_type()) : 0, momentum,
+                       extras.renorm ? p + 3 * c : nullptr, extras.r_max, extras.d_max, own + extras.extra_count,
+                       window ? extras.extra.data_ptr<double>() : nullptr, window ? p + (rows - 2) * c : nullptr,
+                       threads_for(numel));
+        if (!in_kernel && (rm.defined() || rv.defined())) {  // normzoo.running.update_running_stats, own moments
+            at::NoGradGuard no_grad;
+            const Tensor mean = stats[window ? rows - 2 : 0], m2 = stats[window ? rows - 1 : 1];
+            const Tensor var = own > 1 ? m2 / (own - 1) : at::zeros_like(m2);
+            if (rm.defined()) rm.lerp_(mean.to(rm.scalar_type()), momentum);
+            if (rv.defined()) rv.lerp_(var.to(rv.scalar_type()), momentum);
+        }
+        ctx->mark_non_differentiable({stats});
+        ctx->set_materialize_grads(false);
+        ctx->save_for_backward({x, w, stats});
+        ctx->saved_data["mode"] = mode;
+        ctx->saved_data["lay"] = lay;
+        ctx->saved_data["bias_dtype"] = b.defined() ? static_cast<int64_t>(b.scalar_type()) : int64_t(-1);
+        ctx->saved_data["renorm"] = extras.renorm;
+        ctx->saved_data["count"] = window ? own + extras.extra_count : 0.0;
+        return {y, stats};
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        const variable_list none(12);
+        if (!grads[0].defined()) return none;  // y was not used
+        const auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &w = saved[1], &stats = saved[2];
+        const size_t d = dtype_index(x);
+        const int64_t bias_code = ctx->saved_data["bias_dtype"].toInt();
+        const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
+        const bool renorm = ctx->saved_data["renorm"].toBool();
+        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
+        const int nthreads = threads_for(numel);
+        wake_for(nthreads);
+        const Tensor dy = like(x, grads[0], lay);
+        Tensor dx = at::empty_like(x);
+        const at::ScalarType a = arith_of(x);
+        const Param g = typed(w, c, a);
+        Edges edges;
+        const bool want_w = edges.wants(ctx, w.defined()), want_b = edges.wants(ctx, bias_code >= 0);
+        const std::optional<at::ScalarType> bias_dtype =
+            bias_code >= 0 ? std::optional<at::ScalarType>(static_cast<at::ScalarType>(bias_code)) : std::nullopt;
+        int gcode = g.code, bcode = 0;
+        Tensor dg = want_w ? grad_buffer(dtype_of(g.t), c, a, &gcode) : Tensor();
+        Tensor db = want_b ? grad_buffer(bias_dtype, c, a, &bcode) : Tensor();
+        const double *p = stats.data_ptr<double>();
+        k.batch_bwd[d](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel / (n * c), lay, g.ptr(), gcode, p,
+                       p + 2 * c, static_cast<int>(ctx->saved_data["mode"].toInt()), ctx->saved_data["count"].toDouble(),
+                       renorm ? p + 3 * c : nullptr, dg.defined() ? dg.data_ptr() : nullptr,
+                       db.defined() ? db.data_ptr() : nullptr, bcode, nthreads);
+        if (want_w) dg = as_param(dg, w.scalar_type(), w.sizes());
+        if (want_b) db = as_param(db, *bias_dtype, {c});
+        variable_list out = none;
+        out[0] = dx, out[1] = dg, out[2] = db;
+        return first_order_only(std::move(out), {grads[0]});
+    }
+};
+
+// normzoo.native.batch_merged_forward's window block: the two rows of one float64 (2, C) block, read in place.
+Tensor window_block(const Tensor &mean, const Tensor &m2, int64_t c) {
+    if (mean.scalar_type() == at::kDouble && m2.scalar_type() == at::kDouble && mean.numel() == c &&
+        m2.numel() == c && mean.is_contiguous() && m2.is_contiguous() && mean.is_cpu() && m2.is_cpu() &&
+        static_cast<const char *>(m2.data_ptr()) == static_cast<const char *>(mean.data_ptr()) + 8 * c)
+        return mean;
+    return at::cat({mean.reshape({-1}), m2.reshape({-1})}).to(at::kDouble).contiguous();
+}
+
+// BatchNorm training (y): the layers' hot path.
+Tensor batch_norm(const Tensor &x, const OptionalTensor &weight, const OptionalTensor &bias,
+                  const OptionalTensor &running_mean, const OptionalTensor &running_var, double momentum, double eps,
+                  int64_t mode, int64_t lay) {
+    return BatchOp::apply(x, weight, bias, running_mean, running_var, momentum, eps, mode, lay, BatchExtras{})[0];
+}
+
+// BatchNorm training with its statistics block, and Batch Renorm's limits or a window's moments.
+std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor &x, const OptionalTensor &weight, const OptionalTensor &bias,
+                                            const OptionalTensor &running_mean, const OptionalTensor &running_var,
+                                            double momentum, double eps, int64_t mode, int64_t lay, bool renorm,
+                                            double r_max, double d_max, double extra_count,
+                                            const OptionalTensor &extra_mean, const OptionalTensor &extra_m2) {
+    BatchExtras extras;
+    extras.renorm = renorm, extras.r_max = r_max, extras.d_max = d_max;
+    if (extra_mean.has_value() && extra_m2.has_value()) {
+        extras.extra_count = extra_count;
+        extras.extra = window_block(*extra_mean, *extra_m2, x.size(1));
+    }
+    auto out = BatchOp::apply(x, weight, bias, running_mean, running_var, momentum, eps, mode, lay, extras);
+    return {out[0], out[1]};
+}
+
+// ---- Switchable Normalization (nn.switchable._SwitchNormNativeFn) and Batch-Instance Normalization
+// (nn.batch_instance._BatchInstanceNormNativeFn): moments, O(N C) algebra and affine map in one call each way ----
+int running_code(const Tensor &rm, const Tensor &rv) {  // normzoo.native._running_type
+    if (!rm.defined() && !rv.defined()) return 0;
+    TORCH_CHECK(running_in_kernel(rm, rv), "normzoo: running statistics must be contiguous (C,) float32, float64 or "
+                "bfloat16 CPU tensors of one dtype");
+    return type_code((rm.defined() ? rm : rv).scalar_type());
+}
+
+int64_t dtype_code(const Tensor &t) { return t.defined() ? static_cast<int64_t>(t.scalar_type()) : int64_t(-1); }
+
+// The buffer for a mixture kernel's parameter gradient (native_mixtures._grad_buffer): the parameter's dtype where the
+// kernels write it, else float64; undefined where the parameter is absent or its gradient not wanted.
+Tensor mixture_grad(int64_t dtype, int64_t size, bool wanted, int *code) {
+    *code = 0;
+    if (dtype < 0 || !wanted) return Tensor();
+    return grad_buffer(static_cast<at::ScalarType>(dtype), size, at::kDouble, code);
+}
+
+Tensor grad_in(const Tensor &grad, int64_t dtype) {  // normzoo._autograd.grad_as
+    return grad.defined() && grad.scalar_type() != static_cast<at::ScalarType>(dtype)
+               ? grad.to(static_cast<at::ScalarType>(dtype)) : grad;
+}
+
+struct SwitchOp : public torch::autograd::Function<SwitchOp> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &weight,
+                          const OptionalTensor &bias, const Tensor &mean_logits, const Tensor &var_logits,
+                          const OptionalTensor &running_mean, const OptionalTensor &running_var, bool use_batch,
+                          bool training, double momentum, double eps, int64_t lay) {
+        const size_t d = dtype_index(x);
+        const int64_t n = x.size(0), c = x.size(1), numel = x.numel(), l = numel / (n * c);
+        const bool read = !use_batch || training;  // running statistics: read in eval, updated in training
+        const Tensor rm = read ? running_mean.value_or(Tensor()) : Tensor();
+        const Tensor rv = read ? running_var.value_or(Tensor()) : Tensor();
+        const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+        const Param ml = typed(mean_logits.detach(), 3, at::kDouble), vl = typed(var_logits.detach(), 3, at::kDouble);
+        const Param g = typed(w, c, at::kDouble), bt = typed(b, c, at::kDouble);
+        const int run_type = running_code(rm, rv);
+        Tensor y = at::empty_like(x);
+        Tensor keep = at::empty({5 * n * c + 2 * n + 3 * c + 6}, x.options().dtype(at::kDouble));
+        Tensor tmp = at::empty({2 * n * c + 2 * c + 6}, x.options().dtype(at::kDouble));
+        k.switch_fwd[d](x.data_ptr(), y.data_ptr(), n, c, l, static_cast<int>(lay), ml.ptr(), ml.code, vl.ptr(),
+                        vl.code, rm.defined() ? rm.data_ptr() : nullptr, rv.defined() ? rv.data_ptr() : nullptr,
+                        run_type, use_batch ? 1 : 0, momentum, g.ptr(), g.code, bt.ptr(), bt.code, eps,
+                        keep.data_ptr<double>(), tmp.data_ptr<double>(), threads_for(numel));
+        ctx->save_for_backward({x, w, keep});
+        ctx->saved_data["use_batch"] = use_batch;
+        ctx->saved_data["lay"] = lay;
+        ctx->saved_data["dtypes"] = std::vector<int64_t>{dtype_code(w), dtype_code(b), dtype_code(mean_logits),
+                                                         dtype_code(var_logits)};
+        return y;
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &w = saved[1], &keep = saved[2];
+        const size_t d = dtype_index(x);
+        const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
+        const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
+        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
+        const int nthreads = threads_for(numel);
+        wake_for(nthreads);
+        const Tensor dy = like(x, grads[0], lay);
+        Tensor dx = ctx->needs_input_grad(0) ? at::empty_like(x) : Tensor();
+        Tensor tmp = at::empty({5 * n * c + 3 * c + 6}, x.options().dtype(at::kDouble));
+        const Param g = typed(w, c, at::kDouble);
+        const int64_t sizes[4] = {c, c, 3, 3};
+        Tensor outs[4];
+        int codes[4];
+        Edges edges;  // weight and bias may be absent; the logits are always there
+        for (int i = 0; i < 4; i++) outs[i] = mixture_grad(dtypes[i], sizes[i], edges.wants(ctx, dtypes[i] >= 0), &codes[i]);
+        auto ptr = [](const Tensor &t) -> void * { return t.defined() ? t.data_ptr() : nullptr; };
+        k.switch_bwd[d](dy.data_ptr(), x.data_ptr(), ptr(dx), n, c, numel / (n * c), lay,
+                        ctx->saved_data["use_batch"].toBool() ? 1 : 0, g.ptr(), g.code, keep.data_ptr<double>(),
+                        tmp.data_ptr<double>(), ptr(outs[0]), codes[0], ptr(outs[1]), codes[1], ptr(outs[2]), codes[2],
+                        ptr(outs[3]), codes[3], nthreads);
+        variable_list result(12);
+        result[0] = dx;
+        for (int i = 0; i < 4; i++) result[1 + i] = grad_in(outs[i], dtypes[i]);
+        return first_order_only(std::move(result), grads);
+    }
+};
+
+Tensor switchable_norm(const Tensor &x, const OptionalTensor &weight, const OptionalTensor &bias,
+                       const Tensor &mean_logits, const Tensor &var_logits, const OptionalTensor &running_mean,
+                       const OptionalTensor &running_var, bool use_batch, bool training, double momentum, double eps,
+                       int64_t lay) {
+    return SwitchOp::apply(x, weight, bias, mean_logits, var_logits, running_mean, running_var, use_batch, training,
+                           momentum, eps, lay);
+}
+
+struct BinOp : public torch::autograd::Function<BinOp> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &weight,
+                          const OptionalTensor &bias, const Tensor &rho, const OptionalTensor &running_mean,
+                          const OptionalTensor &running_var, bool use_batch, bool training, double momentum, double eps,
+                          int64_t lay) {
+        const size_t d = dtype_index(x);
+        const int64_t n = x.size(0), c = x.size(1), numel = x.numel(), l = numel / (n * c);
+        const bool read = !use_batch || training;
+        const Tensor rm = read ? running_mean.value_or(Tensor()) : Tensor();
+        const Tensor rv = read ? running_var.value_or(Tensor()) : Tensor();
+        const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+        const Param r = typed(rho.detach(), c, at::kDouble), g = typed(w, c, at::kDouble), bt = typed(b, c, at::kDouble);
+        const int run_type = running_code(rm, rv);
+        Tensor y = at::empty_like(x);
+        Tensor keep = at::empty({3 * n * c + 4 * c}, x.options().dtype(at::kDouble));
+        Tensor tmp = at::empty({3 * n * c + 3 * c}, x.options().dtype(at::kDouble));
+        k.bin_fwd[d](x.data_ptr(), y.data_ptr(), n, c, l, static_cast<int>(lay), r.ptr(), r.code,
+                     rm.defined() ? rm.data_ptr() : nullptr, rv.defined() ? rv.data_ptr() : nullptr, run_type,
+                     use_batch ? 1 : 0, momentum, g.ptr(), g.code, bt.ptr(), bt.code, eps, keep.data_ptr<double>(),
+                     tmp.data_ptr<double>(), threads_for(numel));
+        ctx->save_for_backward({x, w, keep});
+        ctx->saved_data["use_batch"] = use_batch;
+        ctx->saved_data["lay"] = lay;
+        ctx->saved_data["dtypes"] = std::vector<int64_t>{dtype_code(w), dtype_code(b), dtype_code(rho)};
+        return y;
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &w = saved[1], &keep = saved[2];
+        const size_t d = dtype_index(x);
+        const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
+        const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
+        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
+        const int nthreads = threads_for(numel);
+        wake_for(nthreads);
+        const Tensor dy = like(x, grads[0], lay);
+        Tensor dx = ctx->needs_input_grad(0) ? at::empty_like(x) : Tensor();
+        Tensor tmp = at::empty({5 * n * c + 4 * c}, x.options().dtype(at::kDouble));
+        const Param g = typed(w, c, at::kDouble);
+        Tensor outs[3];
+        int codes[3];
+        Edges edges;  // weight and bias may be absent; rho is always there
+        for (int i = 0; i < 3; i++) outs[i] = mixture_grad(dtypes[i], c, edges.wants(ctx, dtypes[i] >= 0), &codes[i]);
+        auto ptr = [](const Tensor &t) -> void * { return t.defined() ? t.data_ptr() : nullptr; };
+        k.bin_bwd[d](dy.data_ptr(), x.data_ptr(), ptr(dx), n, c, numel / (n * c), lay,
+                     ctx->saved_data["use_batch"].toBool() ? 1 : 0, g.ptr(), g.code, keep.data_ptr<double>(),
+                     tmp.data_ptr<double>(), ptr(outs[0]), codes[0], ptr(outs[1]), codes[1], ptr(outs[2]), codes[2],
+                     nthreads);
+        variable_list result(11);
+        result[0] = dx;
+        for (int i = 0; i < 3; i++) result[1 + i] = grad_in(outs[i], dtypes[i]);
+        return first_order_only(std::move(result), grads);
+    }
+};
+
+Tensor batch_instance_norm(const Tensor &x, const OptionalTensor &weight, const OptionalTensor &bias, const Tensor &rho,
+                           const OptionalTensor &running_mean, const OptionalTensor &running_var, bool use_batch,
+                           bool training, double momentum, double eps, int64_t lay) {
+    return BinOp::apply(x, weight, bias, rho, running_mean, running_var, use_batch, training, momentum, eps, lay);
+}
+
+// ---- LayerNorm and RMSNorm over rows of d values (row_norm._RowNormFn) ----
+struct RowOp : public torch::autograd::Function<RowOp> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &weight,
+                          const OptionalTensor &bias, int64_t d, double eps, bool rms) {
+        const size_t t = dtype_index(x);
+        const int64_t numel = x.numel(), r = numel / d;
+        const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+        const Param g = typed(w, d, arith_of(x)), bt = typed(b, d, arith_of(x));
+        Tensor y = at::empty_like(x);
+        Tensor stats = at::empty({2, r}, x.options().dtype(at::kDouble));
+        double *p = stats.data_ptr<double>();
+        k.row_fwd[t](x.data_ptr(), y.data_ptr(), r, d, g.ptr(), g.code, bt.ptr(), bt.code, eps, rms ? 1 : 0, p, p + r,
+                     threads_for(numel));
+        ctx->save_for_backward({x, w, stats});
+        ctx->saved_data["d"] = d;
+        ctx->saved_data["rms"] = rms;
+        ctx->saved_data["bias_dtype"] = b.defined() ? static_cast<int64_t>(b.scalar_type()) : int64_t(-1);
+        if (b.defined()) ctx->saved_data["bias_shape"] = b.sizes().vec();
+        return y;
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &w = saved[1], &stats = saved[2];
+        const int64_t bias_code = ctx->saved_data["bias_dtype"].toInt();
+        const std::optional<at::ScalarType> bias_dtype =
+            bias_code >= 0 ? std::optional<at::ScalarType>(static_cast<at::ScalarType>(bias_code)) : std::nullopt;
+        const size_t t = dtype_index(x);
+        const int64_t d = ctx->saved_data["d"].toInt(), numel = x.numel(), r = numel / d;
+        const int nthreads = threads_for(numel);
+        wake_for(nthreads);
+        Tensor dy = grads[0];
+        if (dy.scalar_type() != x.scalar_type() || !dy.is_contiguous()) dy = dy.to(x.scalar_type()).contiguous();
+        Tensor dx = at::empty_like(x);
+        const at::ScalarType a = arith_of(x);
+        const Param g = typed(w, d, a);
+        Edges edges;
+        const bool want_w = edges.wants(ctx, w.defined());
+        const bool want_b = edges.wants(ctx, bias_dtype.has_value());
+        int gcode = g.code, bcode = 0;
+        Tensor dg = want_w ? grad_buffer(dtype_of(g.t), d, a, &gcode) : Tensor();
+        Tensor db = want_b ? grad_buffer(bias_dtype, d, a, &bcode) : Tensor();
+        const double *p = stats.data_ptr<double>();
+        k.row_bwd[t](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), r, d, g.ptr(), gcode,
+                     ctx->saved_data["rms"].toBool() ? 1 : 0, p, p + r, dg.defined() ? dg.data_ptr() : nullptr,
+                     db.defined() ? db.data_ptr() : nullptr, bcode, nthreads);
+        if (want_w) dg = as_param(dg, w.scalar_type(), w.sizes());
+        if (want_b) db = as_param(db, *bias_dtype, ctx->saved_data["bias_shape"].toIntVector());
+        return first_order_only(
+            {ctx->needs_input_grad(0) ? dx : Tensor(), dg, db, Tensor(), Tensor(), Tensor()}, grads);
+    }
+};
+
+Tensor row_norm(const Tensor &x, const OptionalTensor &weight, const OptionalTensor &bias, int64_t d, double eps,
+                bool rms) {
+    return RowOp::apply(x, weight, bias, d, eps, rms);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(normzoo, m) {
+    m.def("bind(int[] addresses, int parallel_threshold) -> ()");
+    m.def("group_norm(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, int mode, int lay) -> Tensor");
+    m.def("batch_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+          "float momentum, float eps, int mode, int lay) -> Tensor");
+    m.def("batch_norm_stats(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+          "Tensor(b!)? running_var, float momentum, float eps, int mode, int lay, bool renorm, float r_max, "
+          "float d_max, float extra_count, Tensor? extra_mean, Tensor? extra_m2) -> (Tensor, Tensor)");
+    m.def("row_norm(Tensor x, Tensor? weight, Tensor? bias, int d, float eps, bool rms) -> Tensor");
+    m.def("switchable_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor mean_logits, Tensor var_logits, "
+          "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool use_batch, bool training, float momentum, "
+          "float eps, int lay) -> Tensor");
+    m.def("batch_instance_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor rho, Tensor(a!)? running_mean, "
+          "Tensor(b!)? running_var, bool use_batch, bool training, float momentum, float eps, int lay) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(normzoo, CatchAll, m) { m.impl("bind", bind); }
+
+TORCH_LIBRARY_IMPL(normzoo, CompositeImplicitAutograd, m) {
+    m.impl("group_norm", group_norm);
+    m.impl("batch_norm", batch_norm);
+    m.impl("batch_norm_stats", batch_norm_stats);
+    m.impl("row_norm", row_norm);
+    m.impl("switchable_norm", switchable_norm);
+    m.impl("batch_instance_norm", batch_instance_norm);
+}
