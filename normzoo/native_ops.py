@@ -51,11 +51,17 @@ class Ops(NamedTuple):
     #: Renorm's and the window's variants too)
     batch_norm_stats: Any
     row_norm: Any  #: ``(x, weight, bias, d, eps, rms) -> y``
+    #: ``(x, weight, bias, running_mean, running_var, momentum, eps, lay, merge, count_p, mean_p, var_p, slot,
+    #: count_buf, mean_buf, var_buf, keep_old) -> (y, stats, old, merged count)``: a Cross-Iteration BN step
+    cross_iteration_norm: Any
     #: ``(x, weight, bias, mean_logits, var_logits, running_mean, running_var, use_batch, training, momentum, eps,
     #: lay) -> y``
     switchable_norm: Any
     #: ``(x, weight, bias, rho, running_mean, running_var, use_batch, training, momentum, eps, lay) -> y``
     batch_instance_norm: Any
+    #: ``(x, p0, p1, p2, p3) -> y``: an op that does no work (``y``, and in the backward the gradients, are
+    #: uninitialized tensors like its inputs), applied as these are: ``normzoo bench``'s fixed cost of a step
+    empty_step: Any
 
 
 _lock = threading.Lock()
@@ -158,7 +164,8 @@ def _bind(path: Path) -> Ops:
 def _send_kernels() -> None:
     lib = native.library()
     suffixes = [native._TYPES[dtype][0] for dtype in (torch.float32, torch.float64, torch.bfloat16)]
-    names = [f"nz_{family}_{suf}" for family in _FAMILIES for suf in suffixes] + ["nz_pool_wake"]
+    names = [f"nz_{family}_{suf}" for family in _FAMILIES for suf in suffixes]
+    names += ["nz_window_merge", "nz_window_record", "nz_pool_wake"]
     addresses = [ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in names]
     torch.ops.normzoo.bind(addresses, native.PARALLEL_THRESHOLD)
 

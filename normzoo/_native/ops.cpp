@@ -51,6 +51,9 @@ typedef void (*bin_fwd_t)(const void *, void *, int64_t, int64_t, int64_t, int, 
                           int, double, const void *, int, const void *, int, double, double *, double *, int);
 typedef void (*bin_bwd_t)(const void *, const void *, void *, int64_t, int64_t, int64_t, int, int, const void *, int,
                           const double *, double *, void *, int, void *, int, void *, int, int);
+typedef double (*window_merge_t)(int64_t, int64_t, int, const void *, const void *, const void *, double *, double *);
+typedef void (*window_record_t)(int64_t, int64_t, int, void *, void *, void *, double, const double *, const double *,
+                                double *);
 typedef void (*wake_t)(void);
 
 struct Kernels {
@@ -64,6 +67,8 @@ struct Kernels {
     std::array<switch_bwd_t, 3> switch_bwd{};
     std::array<bin_fwd_t, 3> bin_fwd{};
     std::array<bin_bwd_t, 3> bin_bwd{};
+    window_merge_t window_merge = nullptr;
+    window_record_t window_record = nullptr;
     wake_t wake = nullptr;
     int64_t parallel_threshold = 1 << 16;
     bool bound = false;
@@ -71,10 +76,10 @@ struct Kernels {
 Kernels k;
 
 // bind(addresses, parallel_threshold): the kernels' addresses in the order above (each family float32, float64,
-// bfloat16), then nz_pool_wake's.
+// bfloat16), then those of nz_window_merge, nz_window_record and nz_pool_wake.
 constexpr size_t kFamilies = 10;
 void bind(at::IntArrayRef addresses, int64_t parallel_threshold) {
-    TORCH_CHECK(addresses.size() == 3 * kFamilies + 1, "normzoo::bind: expected ", 3 * kFamilies + 1,
+    TORCH_CHECK(addresses.size() == 3 * kFamilies + 3, "normzoo::bind: expected ", 3 * kFamilies + 3,
                 " kernel addresses, got ", addresses.size());
     auto at_ = [&](size_t i) { return reinterpret_cast<void *>(static_cast<intptr_t>(addresses[i])); };
     for (size_t d = 0; d < 3; d++) {
@@ -89,7 +94,9 @@ void bind(at::IntArrayRef addresses, int64_t parallel_threshold) {
         k.bin_fwd[d] = reinterpret_cast<bin_fwd_t>(at_(24 + d));
         k.bin_bwd[d] = reinterpret_cast<bin_bwd_t>(at_(27 + d));
     }
-    k.wake = reinterpret_cast<wake_t>(at_(3 * kFamilies));
+    k.window_merge = reinterpret_cast<window_merge_t>(at_(3 * kFamilies));
+    k.window_record = reinterpret_cast<window_record_t>(at_(3 * kFamilies + 1));
+    k.wake = reinterpret_cast<wake_t>(at_(3 * kFamilies + 2));
     k.parallel_threshold = parallel_threshold;
     k.bound = true;
 }
@@ -403,6 +410,69 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor &x, const OptionalTenso
     return {out[0], out[1]};
 }
 
+// ---- Cross-Iteration BatchNorm's step (nn.cross_iteration): the window's slots merged, BatchNorm with them, the
+// step's own moments stored in a slot, in one call (normzoo.native_window's kernels, or tensor operations for
+// buffers they do not take) ----
+int window_code(const Tensor &count, const Tensor &mean, const Tensor &var) {  // native_window._code
+    const int code = type_code(mean.scalar_type());
+    for (const Tensor *t : {&count, &mean, &var}) {
+        if (code == 0 || t->scalar_type() != mean.scalar_type() || !t->is_cpu() || !t->is_contiguous()) return 0;
+    }
+    return code;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> cross_iteration_norm(
+    const Tensor &x, const OptionalTensor &weight, const OptionalTensor &bias, const OptionalTensor &running_mean,
+    const OptionalTensor &running_var, double momentum, double eps, int64_t lay, bool merge, const Tensor &count_p,
+    const Tensor &mean_p, const Tensor &var_p, int64_t slot, const Tensor &count_buf, const Tensor &mean_buf,
+    const Tensor &var_buf, bool keep_old) {
+    const int64_t c = x.size(1), n = x.numel() / c;
+    BatchExtras extras;
+    if (merge) {  // the slots (count (K,), mean and biased var (K, C)) merged per channel: count, mean, M2
+        const auto f64 = at::TensorOptions().dtype(at::kDouble);
+        Tensor block = at::empty({2, c}, f64);
+        const int code = window_code(count_p, mean_p, var_p);
+        if (code != 0) {
+            double *p = block.data_ptr<double>();
+            extras.extra_count = k.window_merge(mean_p.size(0), c, code, count_p.data_ptr(), mean_p.data_ptr(),
+                                                var_p.data_ptr(), p, p + c);
+        } else {  // (CrossIterationBatchNorm._merge_slowly)
+            at::NoGradGuard no_grad;
+            const Tensor counts = count_p.to(at::kDouble).unsqueeze(1), mean = mean_p.to(at::kDouble);
+            const Tensor total = counts.sum();
+            extras.extra_count = total.item<double>();
+            const Tensor mu = (counts * mean).sum(0) / total.clamp_min(1e-300);
+            block[0].copy_(mu);
+            block[1].copy_((counts * (var_p.to(at::kDouble) + (mean - mu).square())).sum(0));
+        }
+        extras.extra = block;
+    }
+    auto out = BatchOp::apply(x, weight, bias, running_mean, running_var, momentum, eps, 0, lay, extras);
+    const Tensor &stats = out[1];
+    const int64_t rows = stats.size(0);
+    Tensor old = at::empty({keep_old ? 1 + 2 * c : 0}, at::TensorOptions().dtype(at::kDouble));
+    if (slot >= 0) {  // this step's own moments into the slot: count n, mean, var = M2 / n
+        const Tensor own_mean = stats[merge ? rows - 2 : 0], own_m2 = stats[merge ? rows - 1 : 1];
+        const int code = window_code(count_buf, mean_buf, var_buf);
+        if (code != 0) {
+            k.window_record(slot, c, code, count_buf.data_ptr(), mean_buf.data_ptr(), var_buf.data_ptr(),
+                            static_cast<double>(n), own_mean.data_ptr<double>(), own_m2.data_ptr<double>(),
+                            keep_old ? old.data_ptr<double>() : nullptr);
+        } else {  // (CrossIterationBatchNorm._record_slowly)
+            at::NoGradGuard no_grad;
+            if (keep_old)
+                old.copy_(at::cat({count_buf.narrow(0, slot, 1).to(at::kDouble), mean_buf[slot].to(at::kDouble),
+                                   var_buf[slot].to(at::kDouble)}));
+            count_buf[slot].fill_(static_cast<double>(n));
+            mean_buf[slot].copy_(own_mean);
+            var_buf[slot].copy_(own_m2 / static_cast<double>(n));
+        }
+    }
+    Tensor merged_count = at::scalar_tensor(static_cast<double>(n) + extras.extra_count,
+                                            at::TensorOptions().dtype(at::kDouble));
+    return {out[0], stats, old, merged_count};
+}
+
 // ---- Switchable Normalization (nn.switchable._SwitchNormNativeFn) and Batch-Instance Normalization
 // (nn.batch_instance._BatchInstanceNormNativeFn): moments, O(N C) algebra and affine map in one call each way ----
 int running_code(const Tensor &rm, const Tensor &rv) {  // normzoo.native._running_type
@@ -614,6 +684,28 @@ Tensor row_norm(const Tensor &x, const OptionalTensor &weight, const OptionalTen
     return RowOp::apply(x, weight, bias, d, eps, rms);
 }
 
+// ---- for normzoo bench: the step of an op that does no work, as the operators above are applied ----
+struct EmptyOp : public torch::autograd::Function<EmptyOp> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &p0, const OptionalTensor &p1,
+                          const OptionalTensor &p2, const OptionalTensor &p3) {
+        ctx->save_for_backward({x, p0.value_or(Tensor()), p1.value_or(Tensor()), p2.value_or(Tensor()),
+                                p3.value_or(Tensor())});
+        return at::empty_like(x);
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        variable_list out{at::empty_like(grads[0])};
+        for (size_t i = 1; i < saved.size(); i++) out.push_back(saved[i].defined() ? at::empty_like(saved[i]) : Tensor());
+        return out;
+    }
+};
+
+Tensor empty_step(const Tensor &x, const OptionalTensor &p0, const OptionalTensor &p1, const OptionalTensor &p2,
+                  const OptionalTensor &p3) {
+    return EmptyOp::apply(x, p0, p1, p2, p3);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(normzoo, m) {
@@ -624,10 +716,15 @@ TORCH_LIBRARY(normzoo, m) {
     m.def("batch_norm_stats(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
           "Tensor(b!)? running_var, float momentum, float eps, int mode, int lay, bool renorm, float r_max, "
           "float d_max, float extra_count, Tensor? extra_mean, Tensor? extra_m2) -> (Tensor, Tensor)");
+    m.def("cross_iteration_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+          "Tensor(b!)? running_var, float momentum, float eps, int lay, bool merge, Tensor count_p, Tensor mean_p, "
+          "Tensor var_p, int slot, Tensor(c!) count_buf, Tensor(d!) mean_buf, Tensor(e!) var_buf, bool keep_old) "
+          "-> (Tensor, Tensor, Tensor, Tensor)");
     m.def("row_norm(Tensor x, Tensor? weight, Tensor? bias, int d, float eps, bool rms) -> Tensor");
     m.def("switchable_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor mean_logits, Tensor var_logits, "
           "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool use_batch, bool training, float momentum, "
           "float eps, int lay) -> Tensor");
+    m.def("empty_step(Tensor x, Tensor? p0, Tensor? p1, Tensor? p2, Tensor? p3) -> Tensor");
     m.def("batch_instance_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor rho, Tensor(a!)? running_mean, "
           "Tensor(b!)? running_var, bool use_batch, bool training, float momentum, float eps, int lay) -> Tensor");
 }
@@ -639,6 +736,8 @@ TORCH_LIBRARY_IMPL(normzoo, CompositeImplicitAutograd, m) {
     m.impl("batch_norm", batch_norm);
     m.impl("batch_norm_stats", batch_norm_stats);
     m.impl("row_norm", row_norm);
+    m.impl("cross_iteration_norm", cross_iteration_norm);
     m.impl("switchable_norm", switchable_norm);
     m.impl("batch_instance_norm", batch_instance_norm);
+    m.impl("empty_step", empty_step);
 }

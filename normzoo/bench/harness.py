@@ -37,6 +37,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import torch
 
+from normzoo import native_ops
 from normzoo._autograd import lean_apply, once_differentiable
 
 ALLOCATOR_MODES = ("tuned", "default")
@@ -254,12 +255,24 @@ class _EmptyOp(torch.autograd.Function):
 _empty_apply = lean_apply(_EmptyOp)
 
 
-def empty_step_contender(x: torch.Tensor, dy: torch.Tensor, params: Sequence[torch.Tensor]) -> Contender:
-    """The forward+backward step of an op that does no work (:class:`_EmptyOp`, applied as normzoo's fused ops
-    are), on ``x`` with ``dy`` and gradients for ``params``, timed as a layer's step is: what any layer written
-    as a Python autograd op pays per step before its kernels run (the autograd engine, the op's calls into
-    Python, the allocation of its outputs), the fixed cost that dominates small tensors."""
+def empty_step_contender(x: torch.Tensor, dy: torch.Tensor, params: Sequence[torch.Tensor],
+                         compiled: bool = False) -> Contender:
+    """The forward+backward step of an op that does no work, on ``x`` with ``dy`` and gradients for ``params``,
+    timed as a layer's step is: what a layer pays per step before its kernels run (the autograd engine, the
+    allocation of its outputs, and for a Python op its calls into Python), the fixed cost that dominates small
+    tensors. ``compiled``: the op with its autograd in C++ (``torch.ops.normzoo.empty_step``, for layers on the
+    compiled operators of :mod:`normzoo.native_ops`; up to 4 parameters); else :class:`_EmptyOp`, a Python autograd
+    op applied as normzoo's Python ops are."""
     inputs = (x, *params)
+    ops = native_ops.ops() if compiled and len(params) <= 4 else None
+    if ops is not None:
+        padded = (*params, *(None,) * (4 - len(params)))
+        empty_op = ops.empty_step
+
+        def compiled_step() -> object:
+            return torch.autograd.grad(empty_op(x, *padded), inputs, dy)
+
+        return compiled_step
 
     def step() -> object:
         return torch.autograd.grad(_empty_apply(x, *params), inputs, dy)

@@ -74,8 +74,11 @@ class Row:
     normzoo: Timing = field(default_factory=Timing)
     baseline: Timing = field(default_factory=Timing)
     copy_s: Optional[float] = None
-    #: forward+backward of an op that does no work, on the same tensors (the fixed cost of an autograd op)
+    #: forward+backward of an op that does no work, on the same tensors (the fixed cost of an autograd op), of the
+    #: kind normzoo's layer is (``autograd``)
     empty_fb_s: Optional[float] = None
+    #: where normzoo's layer runs its backward: ``"C++"`` (a compiled operator) or ``"Python"`` (an autograd.Function)
+    autograd: Optional[str] = None
     reference_fb_s: Optional[float] = None
     fp32_fb_s: Optional[float] = None
     saved: Optional[SavedBytes] = None

@@ -84,6 +84,12 @@ class _Member:
     dy: Optional[torch.Tensor] = None
 
 
+def _autograd_of(y: torch.Tensor) -> str:
+    """``"C++"`` where ``y`` came from a compiled operator's node (or torch's own), ``"Python"`` from a Python
+    ``autograd.Function``."""
+    return "Python" if hasattr(y.grad_fn, "_forward_cls") else "C++"  # (a Python Function's node knows its class)
+
+
 def _trainable(module: nn.Module) -> List[torch.Tensor]:
     return [p for p in module.parameters() if p.requires_grad]
 
@@ -126,6 +132,7 @@ def _prepare(spec: LayerSpec, shape: Shape, dtype: str, fmt: str, seed: int, llc
         x = cases.make_input(shape, tdtype, fmt, gen)
         stage = "the first forward"  # (counting what it saves for backward)
         row.saved, y = count_saved(lambda: subject(x), subject, inputs=[x])
+        row.autograd = _autograd_of(y)
         stage = "the baseline's first forward"
         row.saved_baseline, y_base = count_saved(lambda: baseline(x), baseline, inputs=[x])
         row.max_abs_diff = _max_abs_diff(y, y_base)
@@ -159,7 +166,7 @@ def _contenders(members: Sequence[_Member]) -> Dict[str, Callable[[], object]]:
         copy = harness.copy_contender(x)[0]
         copy()  # touch the destination's pages before timing
         out[f"{dt}/copy"] = copy
-        empty = harness.empty_step_contender(x, dy, _trainable(subject))
+        empty = harness.empty_step_contender(x, dy, _trainable(subject), compiled=m.row.autograd == "C++")
         empty()
         out[f"{dt}/empty/fb"] = empty
         if m.reference is not None:

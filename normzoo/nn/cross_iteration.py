@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from normzoo import _checks, native_window
+from normzoo import _checks, native, native_ops, native_window
 from normzoo.channel_norm import Policy, channel_norm, fixed_affine
 from normzoo.nn._base import NormBase
 from normzoo.registry import register
@@ -379,16 +379,22 @@ class _CrossIterationBatchNorm(NormBase):
                 self.window_count[slot] = float(cur.count)
                 self.window_mean[slot] = mean
                 self.window_var[slot] = cur.m2.reshape(-1) / cur.count
-            if captured is not None:
-                layer = self.layer
-                dmean, dvar = batch_moment_grads(layer, captured[0], captured[1], mean)
-                pw, gw = _weight_dots(layer, dmean, dvar)
-                self.window_dmean[slot] = dmean
-                self.window_dvar[slot] = dvar
-                self.window_wmean[slot] = pw
-                self.window_wvar[slot] = gw
-                self.window_bias[slot] = layer.bias.detach() if layer.bias is not None else 0.0
+        if captured is not None:
+            self._record_compensation(slot, mean, captured)
         return old if keep_old else None
+
+    @torch.no_grad()
+    def _record_compensation(self, slot: int, mean: Tensor, captured: Tuple[Tensor, Tensor]) -> None:
+        """Store in ``slot`` the compensation's terms of this step (the preceding layer's input and output,
+        ``captured``; ``mean``: the batch's own per-channel mean)."""
+        layer = self.layer
+        dmean, dvar = batch_moment_grads(layer, captured[0], captured[1], mean)
+        pw, gw = _weight_dots(layer, dmean, dvar)
+        self.window_dmean[slot] = dmean
+        self.window_dvar[slot] = dvar
+        self.window_wmean[slot] = pw
+        self.window_wvar[slot] = gw
+        self.window_bias[slot] = layer.bias.detach() if layer.bias is not None else 0.0
 
     def forward(self, input: Tensor) -> Tensor:
         x = self._check_input(input)
@@ -403,6 +409,11 @@ class _CrossIterationBatchNorm(NormBase):
         use_window = k > 1 and step >= self.burn_in
         record = k > 1 and step >= self.burn_in - (k - 1)
         captured = self._take_capture(x) if record and self.compensate else None
+        lay = native.supported_layout(x)
+        compiled = native_ops.ops() if lay is not None else None
+        if compiled is not None:  # the window's merge, BatchNorm and the record in one operator (autograd in C++)
+            return self._step_compiled(compiled, x, lay, weight, bias, running_mean, running_var, factor, step,
+                                       use_window, record, captured)
         extra = None
         if use_window:  # the past iterations as constant moments, merged into the batch's in channel_norm
             mean_p, var_p = self._past()
@@ -414,6 +425,34 @@ class _CrossIterationBatchNorm(NormBase):
         old = self._record(step % (k - 1), cur, captured, keep_old=use_window) if record else None
         if use_window:  # what last_window is built from, on access: the slot this step overwrote is in old
             compensated = mean_p is not self._buffers["window_mean"]  # else the buffers, changed since
+            self.__dict__["_window_parts"] = (step, cur, (mean_p, var_p) if compensated else None, merged, old)
+        return y
+
+    def _step_compiled(self, compiled: native_ops.Ops, x: Tensor, lay: int, weight: Optional[Tensor],
+                       bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                       factor: float, step: int, use_window: bool, record: bool,
+                       captured: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
+        """A training step on :func:`normzoo.native_ops`'s ``cross_iteration_norm``: what :meth:`forward` does with
+        :meth:`_window_moments`, ``channel_norm`` and :meth:`_record`, in one call."""
+        buffers = self._buffers
+        count_buf, mean_buf, var_buf = buffers["window_count"], buffers["window_mean"], buffers["window_var"]
+        mean_p, var_p = self._past() if use_window else (mean_buf, var_buf)
+        track = self.track_running_stats
+        slot = step % (self.window - 1) if record else -1
+        native.wake_workers(x)
+        y, stats, old, total = compiled.cross_iteration_norm(
+            x, weight, bias, running_mean if track else None, running_var if track else None, factor, self.eps, lay,
+            use_window, count_buf, mean_p, var_p, slot, count_buf, mean_buf, var_buf, use_window)
+        if captured is None and not use_window:
+            return y
+        rows = stats.unsqueeze(1)  # (1, C) each: the merged mean, M2, rstd, [then the batch's own mean, M2]
+        count = x.numel() // x.shape[1]
+        cur = Moments(count, rows[-2], rows[-1]) if use_window else Moments(count, rows[0], rows[1])
+        if captured is not None:
+            self._record_compensation(slot, cur.mean.reshape(-1), captured)
+        if use_window:
+            compensated = mean_p is not mean_buf
+            merged = Moments(total, rows[0], rows[1])
             self.__dict__["_window_parts"] = (step, cur, (mean_p, var_p) if compensated else None, merged, old)
         return y
 
