@@ -287,3 +287,28 @@ def test_layers_over_steps_compiled_equal_python_ops(name, dtype, channels_last,
     compiled, python = _both(run)
     assert len(compiled) == len(python)
     _assert_identical(compiled, python)
+
+
+@needs_compiled
+def test_cross_iteration_step_with_buffers_the_window_kernels_do_not_take():
+    """float16 window buffers (the layer in float16, its input float32): the compiled step merges and records them
+    with tensor operations, as the Python path does (which merges in float16: hence the tolerance)."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = normzoo.create("cbn2d", 6, window=3, burn_in=1, compensate=False).half()
+    xs = [torch.randn(4, 6, 5, 3) * (1 + i) + i for i in range(4)]
+
+    def run():
+        m = copy.deepcopy(layer)
+        seen = []
+        for x in xs:
+            x = x.clone().requires_grad_()
+            y = m(x)
+            y.backward(torch.ones_like(y))
+            seen += [y.detach(), x.grad]
+        return seen + [b.clone() for b in m.buffers()]
+
+    compiled, python = _both(run)
+    for a, b in zip(compiled, python):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-3, atol=2e-3)
