@@ -82,6 +82,19 @@ ROW_LAYERS = {
 }
 
 
+def _params(case, w, b, w_dtype, b_dtype):
+    """The weight and bias of a parameter case: ``"float32"`` as given, ``"none"``, ``"bias only"`` (autograd numbers
+    the given tensors only: the bias is then the op's second), other dtypes (``w_dtype``, ``b_dtype``), or not asked
+    for a gradient (``"x only"``)."""
+    if case == "none" or case == "bias only" and b is None:
+        w = b = None
+    elif case == "bias only":
+        w = None
+    elif "+" in case:
+        w, b = w.to(w_dtype), None if b is None else b.to(b_dtype)
+    return tuple(None if t is None else t.requires_grad_(case != "x only") for t in (w, b))
+
+
 #: (name, shape, layouts of x and dy): 4-D input in both layouts (and a gradient in the other layout than the
 #: input), 3-D input, and (N, C) for the BatchNorms (statistics over no spatial dims are not a per-sample op).
 _CHANNEL_CASES = [(name, shape, x_cl, g_cl) for name in sorted(CHANNEL_LAYERS)
@@ -104,15 +117,7 @@ def test_channel_layers_compiled_equal_python_ops(name, shape, x_cl, g_cl, dtype
     g = torch.randn(shape, generator=gen).to(dtype)
     x = x.contiguous(memory_format=torch.channels_last) if x_cl else x
     g = g.contiguous(memory_format=torch.channels_last) if g_cl else g
-    w, b = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
-    if params == "none":
-        w = b = None
-    elif params == "bias only":  # autograd numbers the given tensors only: the bias is then the op's second
-        w = None
-    elif params == "bfloat16+float16":
-        w, b = w.bfloat16(), b.half()
-    w = None if w is None else w.requires_grad_(params != "x only")
-    b = None if b is None else b.requires_grad_(params != "x only")
+    w, b = _params(params, torch.randn(6, generator=gen), torch.randn(6, generator=gen), torch.bfloat16, torch.half)
     x.requires_grad_(params != "params only")
     compiled, python = _both(_run, CHANNEL_LAYERS[name], x, (w, b), g)
     _assert_identical(compiled, python)
@@ -127,17 +132,8 @@ def test_row_layers_compiled_equal_python_ops(name, dtype, params):
     gen = torch.Generator().manual_seed(5)
     x = (torch.randn(3, 4, 5, 6, generator=gen) + 3).to(dtype)
     g = torch.randn(3, 4, 5, 6, generator=gen).to(dtype).transpose(0, 1).contiguous().transpose(0, 1)  # strided dy
-    w, b = torch.randn(5, 6, generator=gen), torch.randn(5, 6, generator=gen)
-    if name == "rms":
-        b = None  # RMSNorm has no bias
-    if params == "none" or params == "bias only" and b is None:
-        w = b = None
-    elif params == "bias only":
-        w = None
-    elif params == "float64+bfloat16":
-        w, b = w.double(), None if b is None else b.bfloat16()
-    w = None if w is None else w.requires_grad_(params != "x only")
-    b = None if b is None else b.requires_grad_(params != "x only")
+    b = torch.randn(5, 6, generator=gen) if name != "rms" else None  # RMSNorm has no bias
+    w, b = _params(params, torch.randn(5, 6, generator=gen), b, torch.float64, torch.bfloat16)
     x.requires_grad_(params != "params only")
     compiled, python = _both(_run, ROW_LAYERS[name], x, (w, b), g)
     _assert_identical(compiled, python)

@@ -217,6 +217,42 @@ struct Edges {
     bool wants(AutogradContext *ctx, bool present) { return present && ctx->needs_input_grad(next++); }
 };
 
+// The bias is not saved for the backward (the kernels do not read it): its dtype and shape are.
+void save_bias(AutogradContext *ctx, const Tensor &b) {
+    ctx->saved_data["bias_dtype"] = b.defined() ? static_cast<int64_t>(b.scalar_type()) : int64_t(-1);
+    if (b.defined()) ctx->saved_data["bias_shape"] = b.sizes().vec();
+}
+
+// What the backwards of the ops with a weight and a bias share: the weight as the kernels read it, which of the
+// two gradients autograd asks for, the buffers the kernel writes them into, and those as their parameters.
+struct AffineGrads {
+    Param g;
+    Tensor dg, db;
+    int gcode = 0, bcode = 0;
+
+    AffineGrads(AutogradContext *ctx, const Tensor &w, int64_t size, at::ScalarType arith)
+        : g(typed(w, size, arith)), gcode(g.code), w_(w) {
+        const int64_t bias_code = ctx->saved_data["bias_dtype"].toInt();
+        if (bias_code >= 0) bias_dtype_ = static_cast<at::ScalarType>(bias_code);
+        Edges edges;
+        if (edges.wants(ctx, w.defined())) dg = grad_buffer(dtype_of(g.t), size, arith, &gcode);
+        if (edges.wants(ctx, bias_dtype_.has_value())) db = grad_buffer(bias_dtype_, size, arith, &bcode);
+        if (db.defined()) bias_shape_ = ctx->saved_data["bias_shape"].toIntVector();
+    }
+    void *dg_ptr() const { return dg.defined() ? dg.data_ptr() : nullptr; }
+    void *db_ptr() const { return db.defined() ? db.data_ptr() : nullptr; }
+    // The gradients of the weight and the bias as their parameters (undefined where not asked for).
+    std::pair<Tensor, Tensor> as_params() const {
+        return {dg.defined() ? as_param(dg, w_.scalar_type(), w_.sizes()) : Tensor(),
+                db.defined() ? as_param(db, *bias_dtype_, bias_shape_) : Tensor()};
+    }
+
+  private:
+    Tensor w_;
+    std::optional<at::ScalarType> bias_dtype_;
+    std::vector<int64_t> bias_shape_;
+};
+
 // ---- statistics local to a sample: InstanceNorm, GroupNorm, channel-first LayerNorm (channel_norm._GroupFn) ----
 struct GroupOp : public torch::autograd::Function<GroupOp> {
     static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &weight,
@@ -235,7 +271,7 @@ struct GroupOp : public torch::autograd::Function<GroupOp> {
         ctx->saved_data["groups"] = groups;
         ctx->saved_data["mode"] = mode;
         ctx->saved_data["lay"] = lay;
-        ctx->saved_data["bias_dtype"] = b.defined() ? static_cast<int64_t>(b.scalar_type()) : int64_t(-1);
+        save_bias(ctx, b);
         return y;
     }
 
@@ -243,29 +279,19 @@ struct GroupOp : public torch::autograd::Function<GroupOp> {
         const auto saved = ctx->get_saved_variables();
         const Tensor &x = saved[0], &w = saved[1], &stats = saved[2];
         const size_t d = dtype_index(x);
-        const int64_t groups = ctx->saved_data["groups"].toInt(), bias_code = ctx->saved_data["bias_dtype"].toInt();
+        const int64_t groups = ctx->saved_data["groups"].toInt();
         const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
         const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
         const int nthreads = threads_for(numel);
         wake_for(nthreads);
         const Tensor dy = like(x, grads[0], lay);
         Tensor dx = at::empty_like(x);
-        const at::ScalarType a = arith_of(x);
-        const Param g = typed(w, c, a);
-        Edges edges;
-        const bool want_w = edges.wants(ctx, w.defined()), want_b = edges.wants(ctx, bias_code >= 0);
-        const std::optional<at::ScalarType> bias_dtype =
-            bias_code >= 0 ? std::optional<at::ScalarType>(static_cast<at::ScalarType>(bias_code)) : std::nullopt;
-        int gcode = g.code, bcode = 0;
-        Tensor dg = want_w ? grad_buffer(dtype_of(g.t), c, a, &gcode) : Tensor();
-        Tensor db = want_b ? grad_buffer(bias_dtype, c, a, &bcode) : Tensor();
+        const AffineGrads pg(ctx, w, c, arith_of(x));
         const double *p = stats.data_ptr<double>();
-        k.group_bwd[d](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel / (n * c), groups, lay, g.ptr(), gcode,
-                       nullptr, bcode, nullptr, 0, static_cast<int>(ctx->saved_data["mode"].toInt()), p,
-                       p + 2 * n * groups, dg.defined() ? dg.data_ptr() : nullptr,
-                       db.defined() ? db.data_ptr() : nullptr, nullptr, nullptr, nthreads);
-        if (want_w) dg = as_param(dg, w.scalar_type(), w.sizes());
-        if (want_b) db = as_param(db, *bias_dtype, {c});
+        k.group_bwd[d](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel / (n * c), groups, lay, pg.g.ptr(),
+                       pg.gcode, nullptr, pg.bcode, nullptr, 0, static_cast<int>(ctx->saved_data["mode"].toInt()), p,
+                       p + 2 * n * groups, pg.dg_ptr(), pg.db_ptr(), nullptr, nullptr, nthreads);
+        const auto [dg, db] = pg.as_params();
         return first_order_only({dx, dg, db, Tensor(), Tensor(), Tensor(), Tensor()}, grads);
     }
 };
@@ -336,7 +362,7 @@ struct BatchOp : public torch::autograd::Function<BatchOp> {
         ctx->save_for_backward({x, w, stats});
         ctx->saved_data["mode"] = mode;
         ctx->saved_data["lay"] = lay;
-        ctx->saved_data["bias_dtype"] = b.defined() ? static_cast<int64_t>(b.scalar_type()) : int64_t(-1);
+        save_bias(ctx, b);
         ctx->saved_data["renorm"] = extras.renorm;
         ctx->saved_data["count"] = window ? own + extras.extra_count : 0.0;
         return {y, stats};
@@ -348,7 +374,6 @@ struct BatchOp : public torch::autograd::Function<BatchOp> {
         const auto saved = ctx->get_saved_variables();
         const Tensor &x = saved[0], &w = saved[1], &stats = saved[2];
         const size_t d = dtype_index(x);
-        const int64_t bias_code = ctx->saved_data["bias_dtype"].toInt();
         const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
         const bool renorm = ctx->saved_data["renorm"].toBool();
         const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
@@ -356,24 +381,15 @@ struct BatchOp : public torch::autograd::Function<BatchOp> {
         wake_for(nthreads);
         const Tensor dy = like(x, grads[0], lay);
         Tensor dx = at::empty_like(x);
-        const at::ScalarType a = arith_of(x);
-        const Param g = typed(w, c, a);
-        Edges edges;
-        const bool want_w = edges.wants(ctx, w.defined()), want_b = edges.wants(ctx, bias_code >= 0);
-        const std::optional<at::ScalarType> bias_dtype =
-            bias_code >= 0 ? std::optional<at::ScalarType>(static_cast<at::ScalarType>(bias_code)) : std::nullopt;
-        int gcode = g.code, bcode = 0;
-        Tensor dg = want_w ? grad_buffer(dtype_of(g.t), c, a, &gcode) : Tensor();
-        Tensor db = want_b ? grad_buffer(bias_dtype, c, a, &bcode) : Tensor();
+        const AffineGrads pg(ctx, w, c, arith_of(x));
         const double *p = stats.data_ptr<double>();
-        k.batch_bwd[d](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel / (n * c), lay, g.ptr(), gcode, p,
-                       p + 2 * c, static_cast<int>(ctx->saved_data["mode"].toInt()), ctx->saved_data["count"].toDouble(),
-                       renorm ? p + 3 * c : nullptr, dg.defined() ? dg.data_ptr() : nullptr,
-                       db.defined() ? db.data_ptr() : nullptr, bcode, nthreads);
-        if (want_w) dg = as_param(dg, w.scalar_type(), w.sizes());
-        if (want_b) db = as_param(db, *bias_dtype, {c});
+        k.batch_bwd[d](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel / (n * c), lay, pg.g.ptr(), pg.gcode,
+                       p, p + 2 * c, static_cast<int>(ctx->saved_data["mode"].toInt()),
+                       ctx->saved_data["count"].toDouble(), renorm ? p + 3 * c : nullptr, pg.dg_ptr(), pg.db_ptr(),
+                       pg.bcode, nthreads);
         variable_list out = none;
-        out[0] = dx, out[1] = dg, out[2] = db;
+        std::tie(out[1], out[2]) = pg.as_params();
+        out[0] = dx;
         return first_order_only(std::move(out), {grads[0]});
     }
 };
@@ -497,6 +513,60 @@ Tensor grad_in(const Tensor &grad, int64_t dtype) {  // normzoo._autograd.grad_a
                ? grad.to(static_cast<at::ScalarType>(dtype)) : grad;
 }
 
+// What the mixture norms' ops keep for the backward, and what their backwards share: dy in x's layout, dx where
+// asked for, the weight as the kernels read it, and a buffer for each parameter gradient asked for (``sizes``:
+// each parameter's, -1 for C), in the parameter's dtype where the kernels write it.
+void save_mixture(AutogradContext *ctx, const Tensor &x, const Tensor &w, const Tensor &keep, bool use_batch,
+                  int64_t lay, std::vector<int64_t> dtypes) {
+    ctx->save_for_backward({x, w, keep});
+    ctx->saved_data["use_batch"] = use_batch;
+    ctx->saved_data["lay"] = lay;
+    ctx->saved_data["dtypes"] = std::move(dtypes);
+}
+
+struct MixtureGrads {
+    Tensor x, keep, dy, dx;
+    size_t d;
+    int lay, nthreads, use_batch;
+    int64_t n, c;
+    Param g;
+    std::vector<int64_t> dtypes;
+    std::vector<Tensor> outs;
+    std::vector<int> codes;
+
+    MixtureGrads(AutogradContext *ctx, const variable_list &grads, std::initializer_list<int64_t> sizes) {
+        const auto saved = ctx->get_saved_variables();
+        x = saved[0], keep = saved[2];
+        d = dtype_index(x);
+        lay = static_cast<int>(ctx->saved_data["lay"].toInt());
+        use_batch = ctx->saved_data["use_batch"].toBool() ? 1 : 0;
+        dtypes = ctx->saved_data["dtypes"].toIntVector();
+        n = x.size(0), c = x.size(1);
+        nthreads = threads_for(x.numel());
+        wake_for(nthreads);
+        dy = like(x, grads[0], lay);
+        if (ctx->needs_input_grad(0)) dx = at::empty_like(x);
+        g = typed(saved[1], c, at::kDouble);
+        Edges edges;  // weight and bias may be absent; the mixing parameters are always there
+        size_t i = 0;
+        for (int64_t size : sizes) {
+            int code = 0;
+            outs.push_back(mixture_grad(dtypes[i], size < 0 ? c : size, edges.wants(ctx, dtypes[i] >= 0), &code));
+            codes.push_back(code);
+            i++;
+        }
+    }
+    static void *ptr(const Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
+    void *out(size_t i) const { return ptr(outs[i]); }
+    // dx, then each parameter's gradient in its dtype, then nothing for the other arguments (``count`` in all).
+    variable_list result(size_t count) const {
+        variable_list r(count);
+        r[0] = dx;
+        for (size_t i = 0; i < outs.size(); i++) r[1 + i] = grad_in(outs[i], dtypes[i]);
+        return r;
+    }
+};
+
 struct SwitchOp : public torch::autograd::Function<SwitchOp> {
     static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &weight,
                           const OptionalTensor &bias, const Tensor &mean_logits, const Tensor &var_logits,
@@ -518,41 +588,20 @@ struct SwitchOp : public torch::autograd::Function<SwitchOp> {
                         vl.code, rm.defined() ? rm.data_ptr() : nullptr, rv.defined() ? rv.data_ptr() : nullptr,
                         run_type, use_batch ? 1 : 0, momentum, g.ptr(), g.code, bt.ptr(), bt.code, eps,
                         keep.data_ptr<double>(), tmp.data_ptr<double>(), threads_for(numel));
-        ctx->save_for_backward({x, w, keep});
-        ctx->saved_data["use_batch"] = use_batch;
-        ctx->saved_data["lay"] = lay;
-        ctx->saved_data["dtypes"] = std::vector<int64_t>{dtype_code(w), dtype_code(b), dtype_code(mean_logits),
-                                                         dtype_code(var_logits)};
+        save_mixture(ctx, x, w, keep, use_batch, lay,
+                     {dtype_code(w), dtype_code(b), dtype_code(mean_logits), dtype_code(var_logits)});
         return y;
     }
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        const auto saved = ctx->get_saved_variables();
-        const Tensor &x = saved[0], &w = saved[1], &keep = saved[2];
-        const size_t d = dtype_index(x);
-        const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
-        const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
-        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
-        const int nthreads = threads_for(numel);
-        wake_for(nthreads);
-        const Tensor dy = like(x, grads[0], lay);
-        Tensor dx = ctx->needs_input_grad(0) ? at::empty_like(x) : Tensor();
-        Tensor tmp = at::empty({5 * n * c + 3 * c + 6}, x.options().dtype(at::kDouble));
-        const Param g = typed(w, c, at::kDouble);
-        const int64_t sizes[4] = {c, c, 3, 3};
-        Tensor outs[4];
-        int codes[4];
-        Edges edges;  // weight and bias may be absent; the logits are always there
-        for (int i = 0; i < 4; i++) outs[i] = mixture_grad(dtypes[i], sizes[i], edges.wants(ctx, dtypes[i] >= 0), &codes[i]);
-        auto ptr = [](const Tensor &t) -> void * { return t.defined() ? t.data_ptr() : nullptr; };
-        k.switch_bwd[d](dy.data_ptr(), x.data_ptr(), ptr(dx), n, c, numel / (n * c), lay,
-                        ctx->saved_data["use_batch"].toBool() ? 1 : 0, g.ptr(), g.code, keep.data_ptr<double>(),
-                        tmp.data_ptr<double>(), ptr(outs[0]), codes[0], ptr(outs[1]), codes[1], ptr(outs[2]), codes[2],
-                        ptr(outs[3]), codes[3], nthreads);
-        variable_list result(12);
-        result[0] = dx;
-        for (int i = 0; i < 4; i++) result[1 + i] = grad_in(outs[i], dtypes[i]);
-        return first_order_only(std::move(result), grads);
+        const MixtureGrads m(ctx, grads, {-1, -1, 3, 3});
+        const int64_t n = m.n, c = m.c;
+        Tensor tmp = at::empty({5 * n * c + 3 * c + 6}, m.x.options().dtype(at::kDouble));
+        k.switch_bwd[m.d](m.dy.data_ptr(), m.x.data_ptr(), m.ptr(m.dx), n, c, m.x.numel() / (n * c), m.lay,
+                          m.use_batch, m.g.ptr(), m.g.code, m.keep.data_ptr<double>(), tmp.data_ptr<double>(),
+                          m.out(0), m.codes[0], m.out(1), m.codes[1], m.out(2), m.codes[2], m.out(3), m.codes[3],
+                          m.nthreads);
+        return first_order_only(m.result(12), grads);
     }
 };
 
@@ -584,39 +633,18 @@ struct BinOp : public torch::autograd::Function<BinOp> {
                      rm.defined() ? rm.data_ptr() : nullptr, rv.defined() ? rv.data_ptr() : nullptr, run_type,
                      use_batch ? 1 : 0, momentum, g.ptr(), g.code, bt.ptr(), bt.code, eps, keep.data_ptr<double>(),
                      tmp.data_ptr<double>(), threads_for(numel));
-        ctx->save_for_backward({x, w, keep});
-        ctx->saved_data["use_batch"] = use_batch;
-        ctx->saved_data["lay"] = lay;
-        ctx->saved_data["dtypes"] = std::vector<int64_t>{dtype_code(w), dtype_code(b), dtype_code(rho)};
+        save_mixture(ctx, x, w, keep, use_batch, lay, {dtype_code(w), dtype_code(b), dtype_code(rho)});
         return y;
     }
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        const auto saved = ctx->get_saved_variables();
-        const Tensor &x = saved[0], &w = saved[1], &keep = saved[2];
-        const size_t d = dtype_index(x);
-        const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
-        const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
-        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
-        const int nthreads = threads_for(numel);
-        wake_for(nthreads);
-        const Tensor dy = like(x, grads[0], lay);
-        Tensor dx = ctx->needs_input_grad(0) ? at::empty_like(x) : Tensor();
-        Tensor tmp = at::empty({5 * n * c + 4 * c}, x.options().dtype(at::kDouble));
-        const Param g = typed(w, c, at::kDouble);
-        Tensor outs[3];
-        int codes[3];
-        Edges edges;  // weight and bias may be absent; rho is always there
-        for (int i = 0; i < 3; i++) outs[i] = mixture_grad(dtypes[i], c, edges.wants(ctx, dtypes[i] >= 0), &codes[i]);
-        auto ptr = [](const Tensor &t) -> void * { return t.defined() ? t.data_ptr() : nullptr; };
-        k.bin_bwd[d](dy.data_ptr(), x.data_ptr(), ptr(dx), n, c, numel / (n * c), lay,
-                     ctx->saved_data["use_batch"].toBool() ? 1 : 0, g.ptr(), g.code, keep.data_ptr<double>(),
-                     tmp.data_ptr<double>(), ptr(outs[0]), codes[0], ptr(outs[1]), codes[1], ptr(outs[2]), codes[2],
-                     nthreads);
-        variable_list result(11);
-        result[0] = dx;
-        for (int i = 0; i < 3; i++) result[1 + i] = grad_in(outs[i], dtypes[i]);
-        return first_order_only(std::move(result), grads);
+        const MixtureGrads m(ctx, grads, {-1, -1, -1});
+        const int64_t n = m.n, c = m.c;
+        Tensor tmp = at::empty({5 * n * c + 4 * c}, m.x.options().dtype(at::kDouble));
+        k.bin_bwd[m.d](m.dy.data_ptr(), m.x.data_ptr(), m.ptr(m.dx), n, c, m.x.numel() / (n * c), m.lay, m.use_batch,
+                       m.g.ptr(), m.g.code, m.keep.data_ptr<double>(), tmp.data_ptr<double>(), m.out(0), m.codes[0],
+                       m.out(1), m.codes[1], m.out(2), m.codes[2], m.nthreads);
+        return first_order_only(m.result(11), grads);
     }
 };
 
@@ -642,17 +670,13 @@ struct RowOp : public torch::autograd::Function<RowOp> {
         ctx->save_for_backward({x, w, stats});
         ctx->saved_data["d"] = d;
         ctx->saved_data["rms"] = rms;
-        ctx->saved_data["bias_dtype"] = b.defined() ? static_cast<int64_t>(b.scalar_type()) : int64_t(-1);
-        if (b.defined()) ctx->saved_data["bias_shape"] = b.sizes().vec();
+        save_bias(ctx, b);
         return y;
     }
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
         const auto saved = ctx->get_saved_variables();
         const Tensor &x = saved[0], &w = saved[1], &stats = saved[2];
-        const int64_t bias_code = ctx->saved_data["bias_dtype"].toInt();
-        const std::optional<at::ScalarType> bias_dtype =
-            bias_code >= 0 ? std::optional<at::ScalarType>(static_cast<at::ScalarType>(bias_code)) : std::nullopt;
         const size_t t = dtype_index(x);
         const int64_t d = ctx->saved_data["d"].toInt(), numel = x.numel(), r = numel / d;
         const int nthreads = threads_for(numel);
@@ -660,22 +684,13 @@ struct RowOp : public torch::autograd::Function<RowOp> {
         Tensor dy = grads[0];
         if (dy.scalar_type() != x.scalar_type() || !dy.is_contiguous()) dy = dy.to(x.scalar_type()).contiguous();
         Tensor dx = at::empty_like(x);
-        const at::ScalarType a = arith_of(x);
-        const Param g = typed(w, d, a);
-        Edges edges;
-        const bool want_w = edges.wants(ctx, w.defined());
-        const bool want_b = edges.wants(ctx, bias_dtype.has_value());
-        int gcode = g.code, bcode = 0;
-        Tensor dg = want_w ? grad_buffer(dtype_of(g.t), d, a, &gcode) : Tensor();
-        Tensor db = want_b ? grad_buffer(bias_dtype, d, a, &bcode) : Tensor();
+        const AffineGrads pg(ctx, w, d, arith_of(x));
         const double *p = stats.data_ptr<double>();
-        k.row_bwd[t](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), r, d, g.ptr(), gcode,
-                     ctx->saved_data["rms"].toBool() ? 1 : 0, p, p + r, dg.defined() ? dg.data_ptr() : nullptr,
-                     db.defined() ? db.data_ptr() : nullptr, bcode, nthreads);
-        if (want_w) dg = as_param(dg, w.scalar_type(), w.sizes());
-        if (want_b) db = as_param(db, *bias_dtype, ctx->saved_data["bias_shape"].toIntVector());
-        return first_order_only(
-            {ctx->needs_input_grad(0) ? dx : Tensor(), dg, db, Tensor(), Tensor(), Tensor()}, grads);
+        k.row_bwd[t](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), r, d, pg.g.ptr(), pg.gcode,
+                     ctx->saved_data["rms"].toBool() ? 1 : 0, p, p + r, pg.dg_ptr(), pg.db_ptr(), pg.bcode, nthreads);
+        const auto [dg, db] = pg.as_params();
+        return first_order_only({ctx->needs_input_grad(0) ? dx : Tensor(), dg, db, Tensor(), Tensor(), Tensor()},
+                                grads);
     }
 };
 
