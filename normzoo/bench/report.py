@@ -112,7 +112,8 @@ def format_table(result: "BenchResult") -> str:
         f"normzoo bench  {meta.get('started', '')}  torch {mach.get('torch', '?')}  threads {meta.get('threads')}  "
         f"cpu {mach.get('cpu') or '?'} ({mach.get('logical_cpus', '?')} logical)",
         f"allocator: {meta.get('allocator', {}).get('detail', '?')}; OpenMP wait: "
-        f"{meta.get('omp_wait', {}).get('detail', '?')}; normzoo's kernel threads: {meta.get('kernel_threads', '?')}",
+        f"{meta.get('omp_wait', {}).get('detail', '?')}; normzoo's kernel threads: {meta.get('kernel_threads', '?')}; "
+        f"autograd ops: {meta.get('autograd_ops', '?')}",
         f"load: loadavg {meta.get('loadavg_before')} -> {meta.get('loadavg_after')}; other processes used "
         f"{_num(meta.get('others_cores'), '.2f')} cores on average during the run; wall {meta.get('wall_s')} s",
         "times: medians in ms of interleaved rounds, training mode; speedup = baseline / normzoo (f+b)",

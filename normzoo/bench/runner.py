@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from normzoo import native
+from normzoo import native, native_ops
 from normzoo.bench import cases, environment, harness
 from normzoo.bench.cases import LayerSpec, Shape
 from normzoo.bench.memory import count_saved
@@ -283,6 +283,7 @@ def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequen
         "allocator": alloc,
         "omp_wait": environment.omp_wait_info(),
         "kernel_threads": native.threads(),
+        "autograd_ops": native_ops.status(),
         "machine": harness.machine_info(),
         "loadavg_before": load_before,
         "loadavg_after": whole.loadavg,
