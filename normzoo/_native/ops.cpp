@@ -25,7 +25,7 @@ namespace {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptionalTensor = std::optional<Tensor>;
+using OptionalTensor = c10::optional<Tensor>;  // (std::optional in newer torch, its own type before 2.4)
 
 // ---- the kernels, by dtype (index 0 float32, 1 float64, 2 bfloat16), as normzoo.native declares them ----
 typedef void (*group_fwd_t)(const void *, void *, int64_t, int64_t, int64_t, int64_t, int, const void *, int,
