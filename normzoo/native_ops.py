@@ -45,6 +45,8 @@ class Ops(NamedTuple):
     """The compiled operators, called as functions (arguments as in ``_native/ops.cpp``'s schemas)."""
 
     group_norm: Any  #: ``(x, weight, bias, groups, eps, mode, lay) -> y``
+    #: ``(x, weight, bias, groups, eps, mode, lay) -> (y, stats)``: :func:`normzoo.native.group_forward`'s block too
+    group_norm_stats: Any
     batch_norm: Any  #: ``(x, weight, bias, running_mean, running_var, momentum, eps, mode, lay) -> y``
     #: ``(x, weight, bias, running_mean, running_var, momentum, eps, mode, lay, renorm, r_max, d_max, extra_count,
     #: extra_mean, extra_m2) -> (y, stats)``: the statistics block of :func:`normzoo.native.batch_forward` (Batch

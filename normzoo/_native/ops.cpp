@@ -254,9 +254,10 @@ struct AffineGrads {
 };
 
 // ---- statistics local to a sample: InstanceNorm, GroupNorm, channel-first LayerNorm (channel_norm._GroupFn) ----
+// y and the float64 (3, N, G) statistics block: mean, M2, rstd per (sample, group).
 struct GroupOp : public torch::autograd::Function<GroupOp> {
-    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &weight,
-                          const OptionalTensor &bias, int64_t groups, double eps, int64_t mode, int64_t lay) {
+    static variable_list forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &weight,
+                                 const OptionalTensor &bias, int64_t groups, double eps, int64_t mode, int64_t lay) {
         const size_t d = dtype_index(x);
         const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
         const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
@@ -267,15 +268,18 @@ struct GroupOp : public torch::autograd::Function<GroupOp> {
         k.group_fwd[d](x.data_ptr(), y.data_ptr(), n, c, numel / (n * c), groups, static_cast<int>(lay), g.ptr(),
                        g.code, bt.ptr(), bt.code, nullptr, 0, eps, static_cast<int>(mode), p, p + n * groups,
                        p + 2 * n * groups, threads_for(numel));
+        ctx->mark_non_differentiable({stats});
+        ctx->set_materialize_grads(false);
         ctx->save_for_backward({x, w, stats});
         ctx->saved_data["groups"] = groups;
         ctx->saved_data["mode"] = mode;
         ctx->saved_data["lay"] = lay;
         save_bias(ctx, b);
-        return y;
+        return {y, stats};
     }
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        if (!grads[0].defined()) return variable_list(7);  // y was not used
         const auto saved = ctx->get_saved_variables();
         const Tensor &x = saved[0], &w = saved[1], &stats = saved[2];
         const size_t d = dtype_index(x);
@@ -292,13 +296,21 @@ struct GroupOp : public torch::autograd::Function<GroupOp> {
                        pg.gcode, nullptr, pg.bcode, nullptr, 0, static_cast<int>(ctx->saved_data["mode"].toInt()), p,
                        p + 2 * n * groups, pg.dg_ptr(), pg.db_ptr(), nullptr, nullptr, nthreads);
         const auto [dg, db] = pg.as_params();
-        return first_order_only({dx, dg, db, Tensor(), Tensor(), Tensor(), Tensor()}, grads);
+        return first_order_only({dx, dg, db, Tensor(), Tensor(), Tensor(), Tensor()}, {grads[0]});
     }
 };
 
+// Statistics local to a sample (y): the layers' hot path.
 Tensor group_norm(const Tensor &x, const OptionalTensor &weight, const OptionalTensor &bias, int64_t groups,
                   double eps, int64_t mode, int64_t lay) {
-    return GroupOp::apply(x, weight, bias, groups, eps, mode, lay);
+    return GroupOp::apply(x, weight, bias, groups, eps, mode, lay)[0];
+}
+
+// The same with its statistics block, for callers that use the moments (InstanceNorm's running statistics).
+std::tuple<Tensor, Tensor> group_norm_stats(const Tensor &x, const OptionalTensor &weight, const OptionalTensor &bias,
+                                            int64_t groups, double eps, int64_t mode, int64_t lay) {
+    auto out = GroupOp::apply(x, weight, bias, groups, eps, mode, lay);
+    return {out[0], out[1]};
 }
 
 // ---- BatchNorm training on the batch's statistics (channel_norm._BatchFn without a merged window) ----
@@ -726,6 +738,8 @@ Tensor empty_step(const Tensor &x, const OptionalTensor &p0, const OptionalTenso
 TORCH_LIBRARY(normzoo, m) {
     m.def("bind(int[] addresses, int parallel_threshold) -> ()");
     m.def("group_norm(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, int mode, int lay) -> Tensor");
+    m.def("group_norm_stats(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, int mode, int lay) "
+          "-> (Tensor, Tensor)");
     m.def("batch_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
           "float momentum, float eps, int mode, int lay) -> Tensor");
     m.def("batch_norm_stats(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
@@ -748,6 +762,7 @@ TORCH_LIBRARY_IMPL(normzoo, CatchAll, m) { m.impl("bind", bind); }
 
 TORCH_LIBRARY_IMPL(normzoo, CompositeImplicitAutograd, m) {
     m.impl("group_norm", group_norm);
+    m.impl("group_norm_stats", group_norm_stats);
     m.impl("batch_norm", batch_norm);
     m.impl("batch_norm_stats", batch_norm_stats);
     m.impl("row_norm", row_norm);
