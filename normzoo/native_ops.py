@@ -4,8 +4,9 @@ A layer written as a Python ``torch.autograd.Function`` pays for Python on every
 Python for the backward, and the op's argument handling, allocations and checks run as Python calls, each of them
 a few hundred nanoseconds to microseconds once the step's data has pushed the interpreter out of the caches.
 At small and medium sizes that is most of a step. ``_native/ops.cpp`` does what :class:`normzoo.channel_norm._GroupFn`
-(InstanceNorm, GroupNorm, channel-first LayerNorm), ``_BatchFn`` (BatchNorm and mean-only BatchNorm training) and
-:class:`normzoo.row_norm._RowNormFn` (LayerNorm, RMSNorm) do, on the same kernels (:mod:`normzoo.native`, whose
+(InstanceNorm, GroupNorm, channel-first LayerNorm), ``_BatchFn`` (BatchNorm, mean-only BatchNorm, Batch Renorm and
+Cross-Iteration BN training), :class:`normzoo.row_norm._RowNormFn` (LayerNorm, RMSNorm), and the native ops of
+Switchable Norm, Batch-Instance Norm and Filter Response Norm do, on the same kernels (:mod:`normzoo.native`, whose
 addresses it is handed), as ``torch.autograd.Function`` in C++ behind registered operators. Measured on 2 cores
 (GroupNorm, forward and backward, after a 300 us pause, balanced A/B): at 2x32x4x4 76 us against the Python op's
 105 (torch.nn 104); at 8x256x14x14 with OpenMP's default wait policy 346 against 390 (torch.nn 378).
@@ -61,6 +62,9 @@ class Ops(NamedTuple):
     switchable_norm: Any
     #: ``(x, weight, bias, rho, running_mean, running_var, use_batch, training, momentum, eps, lay) -> y``
     batch_instance_norm: Any
+    #: ``(x, weight, bias, tau, eps_t, eps, lay) -> z``: FRN with its TLU (``tau`` may be None); ``eps_t``: a
+    #: learned eps of one value (its gradient is computed), or None for a constant ``eps``
+    filter_response_norm: Any
     #: ``(x, p0, p1, p2, p3) -> y``: an op that does no work (``y``, and in the backward the gradients, are
     #: uninitialized tensors like its inputs), applied as these are: ``normzoo bench``'s fixed cost of a step
     empty_step: Any

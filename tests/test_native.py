@@ -700,9 +700,13 @@ def test_frn_parameters_reach_the_kernels_in_their_own_dtype(dtype, param_dtype,
         torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol * max(1.0, float(r.abs().max())))
 
 
-def test_frn_native_is_used_and_passes_gradcheck(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["python-op", "compiled-op"])
+def test_frn_native_is_used_and_passes_gradcheck(monkeypatch, compiled):
     from normzoo.nn.response import filter_response_norm
 
+    if compiled and native_ops.ops() is None:
+        pytest.skip(f"compiled operators unavailable: {native_ops.status()}")
+    monkeypatch.setattr(native_ops, "_enabled", compiled)
     calls = []
     forward = native.group_forward
     monkeypatch.setattr(native, "group_forward", lambda *a: calls.append(a[-1]) or forward(*a))
@@ -711,7 +715,10 @@ def test_frn_native_is_used_and_passes_gradcheck(monkeypatch):
     w, b, tau = (torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
     eps = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(filter_response_norm, (x, w, b, tau, eps))
-    assert calls and calls[0] is not None  # the native kernel ran, with the TLU's threshold
+    if compiled:  # the compiled operator, which calls the kernel itself
+        assert filter_response_norm(x, w, b, tau, eps).grad_fn.name().endswith("::FrnOp>")
+    else:
+        assert calls and calls[0] is not None  # the native kernel ran, with the TLU's threshold
 
 
 def test_frn_ties_pass_the_gradient_to_the_normalized_value():

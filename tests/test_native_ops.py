@@ -247,7 +247,8 @@ def test_compiled_op_keeps_its_saved_input_checked_against_in_place_changes():
 
 
 @needs_compiled
-@pytest.mark.parametrize("name", ["bn2d", "mbn2d", "brn2d", "bin2d", "switch2d", "cbn2d", "in2d", "gn", "ln2d"])
+@pytest.mark.parametrize("name", ["bn2d", "mbn2d", "brn2d", "bin2d", "switch2d", "cbn2d", "in2d", "gn", "ln2d", "frn",
+                                  "frn-learned-eps"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
@@ -259,6 +260,9 @@ def test_layers_over_steps_compiled_equal_python_ops(name, dtype, channels_last,
 
     torch.manual_seed(0)
     kw = {"affine": affine}
+    if name.startswith("frn"):
+        kw["learnable_eps"] = name == "frn-learned-eps"
+        name = "frn"
     if name == "cbn2d":
         kw.update(window=3, burn_in=1, compensate=False)
     if name == "in2d":

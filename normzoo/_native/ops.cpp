@@ -313,6 +313,74 @@ std::tuple<Tensor, Tensor> group_norm_stats(const Tensor &x, const OptionalTenso
     return {out[0], out[1]};
 }
 
+// ---- Filter Response Normalization with its TLU (nn.response._FilterResponseFn's fused path): InstanceNorm's group
+// kernels in their RMS mode with the threshold inside, z = max(gamma x / sqrt(nu2 + eps) + beta, tau); ``eps_t``:
+// a learned eps (one value), whose gradient is -1/2 sum gamma rstd^3 sum_S dy x ----
+struct FrnOp : public torch::autograd::Function<FrnOp> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &weight,
+                          const OptionalTensor &bias, const OptionalTensor &tau, const OptionalTensor &eps_t,
+                          double eps, int64_t lay) {
+        const size_t d = dtype_index(x);
+        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
+        const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor()), t = tau.value_or(Tensor());
+        const at::ScalarType a = arith_of(x);
+        const Param g = typed(w, c, a), bt = typed(b, c, a), tt = typed(t, c, a);
+        Tensor y = at::empty_like(x);
+        Tensor stats = at::empty({3, n, c}, x.options().dtype(at::kDouble));
+        double *p = stats.data_ptr<double>();
+        k.group_fwd[d](x.data_ptr(), y.data_ptr(), n, c, numel / (n * c), c, static_cast<int>(lay), g.ptr(), g.code,
+                       bt.ptr(), bt.code, tt.ptr(), tt.code, eps, 2, p, p + n * c, p + 2 * n * c, threads_for(numel));
+        ctx->save_for_backward({x, w, b, t, stats});
+        ctx->saved_data["lay"] = lay;
+        if (eps_t.has_value() && eps_t->defined()) {
+            ctx->saved_data["eps_dtype"] = static_cast<int64_t>(eps_t->scalar_type());
+            ctx->saved_data["eps_shape"] = eps_t->sizes().vec();
+        }
+        return y;
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &t = saved[3], &stats = saved[4];
+        const size_t d = dtype_index(x);
+        const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
+        const bool learned = ctx->saved_data.count("eps_dtype") > 0;
+        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
+        const int nthreads = threads_for(numel);
+        wake_for(nthreads);
+        const Tensor dy = like(x, grads[0], lay);
+        Tensor dx = at::empty_like(x);
+        const at::ScalarType a = arith_of(x);
+        const Param g = typed(w, c, a), bt = typed(b, c, a), tt = typed(t, c, a);  // the TLU's mask reads b and t
+        Edges edges;
+        int gcode = g.code, bcode = bt.code, tcode = tt.code;
+        const Tensor dg = edges.wants(ctx, w.defined()) ? grad_buffer(dtype_of(g.t), c, a, &gcode) : Tensor();
+        const Tensor db = edges.wants(ctx, b.defined()) ? grad_buffer(dtype_of(bt.t), c, a, &bcode) : Tensor();
+        const Tensor dt = edges.wants(ctx, t.defined()) ? grad_buffer(dtype_of(tt.t), c, a, &tcode) : Tensor();
+        const Tensor dr = edges.wants(ctx, learned) ? at::empty({n, c}, x.options().dtype(at::kDouble)) : Tensor();
+        auto ptr = [](const Tensor &u) -> void * { return u.defined() ? u.data_ptr() : nullptr; };
+        const double *p = stats.data_ptr<double>();
+        k.group_bwd[d](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel / (n * c), c, lay, g.ptr(), gcode,
+                       bt.ptr(), bcode, tt.ptr(), tcode, 2, p, p + 2 * n * c, ptr(dg), ptr(db), ptr(dt),
+                       dr.defined() ? dr.data_ptr<double>() : nullptr, nthreads);
+        Tensor deps;
+        if (dr.defined()) {
+            deps = (-0.5 * dr * stats[2].pow(3)).sum().reshape(ctx->saved_data["eps_shape"].toIntVector());
+            deps = deps.to(static_cast<at::ScalarType>(ctx->saved_data["eps_dtype"].toInt()));
+        }
+        return first_order_only({dx, dg.defined() ? as_param(dg, w.scalar_type(), w.sizes()) : Tensor(),
+                                 db.defined() ? as_param(db, b.scalar_type(), b.sizes()) : Tensor(),
+                                 dt.defined() ? as_param(dt, t.scalar_type(), t.sizes()) : Tensor(), deps, Tensor(),
+                                 Tensor()},
+                                grads);
+    }
+};
+
+Tensor filter_response_norm(const Tensor &x, const OptionalTensor &weight, const OptionalTensor &bias,
+                            const OptionalTensor &tau, const OptionalTensor &eps_t, double eps, int64_t lay) {
+    return FrnOp::apply(x, weight, bias, tau, eps_t, eps, lay);
+}
+
 // ---- BatchNorm training on the batch's statistics (channel_norm._BatchFn without a merged window) ----
 bool running_in_kernel(const Tensor &mean, const Tensor &var) {  // normzoo.native.running_update_applies
     const Tensor &first = mean.defined() ? mean : var;
@@ -753,6 +821,8 @@ TORCH_LIBRARY(normzoo, m) {
     m.def("switchable_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor mean_logits, Tensor var_logits, "
           "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool use_batch, bool training, float momentum, "
           "float eps, int lay) -> Tensor");
+    m.def("filter_response_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? tau, Tensor? eps_t, float eps, "
+          "int lay) -> Tensor");
     m.def("empty_step(Tensor x, Tensor? p0, Tensor? p1, Tensor? p2, Tensor? p3) -> Tensor");
     m.def("batch_instance_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor rho, Tensor(a!)? running_mean, "
           "Tensor(b!)? running_var, bool use_batch, bool training, float momentum, float eps, int lay) -> Tensor");
@@ -770,4 +840,5 @@ TORCH_LIBRARY_IMPL(normzoo, CompositeImplicitAutograd, m) {
     m.impl("switchable_norm", switchable_norm);
     m.impl("batch_instance_norm", batch_instance_norm);
     m.impl("empty_step", empty_step);
+    m.impl("filter_response_norm", filter_response_norm);
 }

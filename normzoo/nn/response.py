@@ -32,7 +32,7 @@ from typing import Any, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from normzoo import _checks, kernels, native
+from normzoo import _checks, kernels, native, native_ops
 from normzoo._autograd import grad_as, lean_apply, once_differentiable
 from normzoo.registry import register
 
@@ -84,6 +84,13 @@ def _filter_response_norm_checked_input(name: str, input: Tensor, weight: Option
     else:
         _checks.check_eps(name, eps)
         eps = float(eps)
+    learned = isinstance(eps, Tensor)
+    lay = native.supported_layout(input) if input.dim() > 2 and (not learned or eps.numel() == 1) else None
+    compiled = native_ops.ops() if lay is not None else None
+    if compiled is not None:  # the fused path below with its autograd in C++
+        native.wake_workers(input)
+        value = float(eps.detach()) if learned else eps
+        return compiled.filter_response_norm(input, weight, bias, tau, eps if learned else None, value, lay)
     return _frn_apply(input, weight, bias, tau, eps)
 
 
