@@ -79,10 +79,15 @@ _enabled = os.environ.get("NORMZOO_OPS", "1").strip().lower() not in ("0", "fals
 
 def ops() -> Optional[Ops]:
     """The compiled operators, building them on first use; ``None`` where they are unavailable or switched off
-    (then the layers use their Python autograd ops)."""
+    (then the layers use their Python autograd ops), and while ``torch.compile`` traces (its Dynamo does not know
+    the operators' C++ entries and would warn for each; on the Python ops it breaks the graph silently, as it did
+    before these existed)."""
     if not _loaded:
         _load()
-    return _ops if _enabled else None
+    return _ops if _enabled and not _is_compiling() else None
+
+
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 def use_compiled(enabled: bool) -> bool:

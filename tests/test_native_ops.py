@@ -312,3 +312,25 @@ def test_cross_iteration_step_with_buffers_the_window_kernels_do_not_take():
     compiled, python = _both(run)
     for a, b in zip(compiled, python):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-3, atol=2e-3)
+
+
+def test_torch_compile_runs_the_layers_as_eager_without_warnings():
+    """Under torch.compile the layers take their Python ops (Dynamo breaks the graph there, silently, as it does
+    for any autograd.Function it cannot trace), with eager's results and gradients."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), normzoo.create("gn", 8, groups=4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 1), normzoo.create("bn2d", 8))
+    x = torch.randn(2, 3, 8, 8)
+    twin = __import__("copy").deepcopy(model)
+    y_eager = model(x)
+    y_eager.square().sum().backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = torch.compile(twin)(x)
+        y.square().sum().backward()
+    assert [str(w.message) for w in caught if "Dynamo" in str(w.message)] == []
+    torch.testing.assert_close(y, y_eager)
+    for p, q in zip(twin.parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
