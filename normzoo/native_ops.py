@@ -6,7 +6,7 @@ a few hundred nanoseconds to microseconds once the step's data has pushed the in
 At small and medium sizes that is most of a step. ``_native/ops.cpp`` does what :class:`normzoo.channel_norm._GroupFn`
 (InstanceNorm, GroupNorm, channel-first LayerNorm), ``_BatchFn`` (BatchNorm, mean-only BatchNorm, Batch Renorm and
 Cross-Iteration BN training), :class:`normzoo.row_norm._RowNormFn` (LayerNorm, RMSNorm), and the native ops of
-Switchable Norm, Batch-Instance Norm and Filter Response Norm do, on the same kernels (:mod:`normzoo.native`, whose
+Switchable Norm, Batch-Instance Norm, Filter Response Norm and EvoNorm do, on the same kernels (:mod:`normzoo.native`, whose
 addresses it is handed), as ``torch.autograd.Function`` in C++ behind registered operators. Measured on 2 cores
 (GroupNorm, forward and backward, after a 300 us pause, balanced A/B): at 2x32x4x4 76 us against the Python op's
 105 (torch.nn 104); at 8x256x14x14 with OpenMP's default wait policy 346 against 390 (torch.nn 378).
@@ -39,7 +39,8 @@ _SOURCE = Path(__file__).with_name("_native") / "ops.cpp"
 _STANDARDS = ("-std=c++20", "-std=c++17")  # the first the compiler takes (PyTorch's headers need C++17)
 #: The kernel families bound, in the order ``normzoo::bind`` takes them (each float32, float64, bfloat16).
 _FAMILIES = ("group_forward", "group_backward", "batch_forward", "batch_backward", "rownorm_forward",
-             "rownorm_backward", "switch_forward", "switch_backward", "bin_forward", "bin_backward")
+             "rownorm_backward", "switch_forward", "switch_backward", "bin_forward", "bin_backward", "s0_forward",
+             "s0_backward", "b0_forward", "b0_backward")
 
 
 class Ops(NamedTuple):
@@ -65,6 +66,9 @@ class Ops(NamedTuple):
     #: ``(x, weight, bias, tau, eps_t, eps, lay) -> z``: FRN with its TLU (``tau`` may be None); ``eps_t``: a
     #: learned eps of one value (its gradient is computed), or None for a constant ``eps``
     filter_response_norm: Any
+    evonorm_s0: Any  #: ``(x, weight, bias, v, groups, eps, lay) -> y``
+    #: ``(x, weight, bias, v, fixed_var, eps, lay) -> (y, buf)``: :class:`normzoo.native_evonorm.B0State`'s buffer
+    evonorm_b0: Any
     #: ``(x, p0, p1, p2, p3) -> y``: an op that does no work (``y``, and in the backward the gradients, are
     #: uninitialized tensors like its inputs), applied as these are: ``normzoo bench``'s fixed cost of a step
     empty_step: Any

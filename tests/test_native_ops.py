@@ -248,7 +248,7 @@ def test_compiled_op_keeps_its_saved_input_checked_against_in_place_changes():
 
 @needs_compiled
 @pytest.mark.parametrize("name", ["bn2d", "mbn2d", "brn2d", "bin2d", "switch2d", "cbn2d", "in2d", "gn", "ln2d", "frn",
-                                  "frn-learned-eps"])
+                                  "frn-learned-eps", "evonorm_s0", "evonorm_b0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("affine", [True, False])

@@ -51,6 +51,14 @@ typedef void (*bin_fwd_t)(const void *, void *, int64_t, int64_t, int64_t, int, 
                           int, double, const void *, int, const void *, int, double, double *, double *, int);
 typedef void (*bin_bwd_t)(const void *, const void *, void *, int64_t, int64_t, int64_t, int, int, const void *, int,
                           const double *, double *, void *, int, void *, int, void *, int, int);
+typedef void (*s0_fwd_t)(const void *, void *, int64_t, int64_t, int64_t, int64_t, int, const void *, const void *,
+                         const void *, int, double, double *, double *, int);
+typedef void (*s0_bwd_t)(const void *, const void *, void *, int64_t, int64_t, int64_t, int64_t, int, const void *,
+                         const void *, int, const double *, const double *, void *, void *, void *, int);
+typedef void (*b0_fwd_t)(const void *, void *, int64_t, int64_t, int64_t, int, const void *, const void *, const void *,
+                         int, double, const double *, double *, int);
+typedef void (*b0_bwd_t)(const void *, const void *, void *, int64_t, int64_t, int64_t, int, const void *, const void *,
+                         int, const double *, int, void *, void *, void *, int);
 typedef double (*window_merge_t)(int64_t, int64_t, int, const void *, const void *, const void *, double *, double *);
 typedef void (*window_record_t)(int64_t, int64_t, int, void *, void *, void *, double, const double *, const double *,
                                 double *);
@@ -67,6 +75,10 @@ struct Kernels {
     std::array<switch_bwd_t, 3> switch_bwd{};
     std::array<bin_fwd_t, 3> bin_fwd{};
     std::array<bin_bwd_t, 3> bin_bwd{};
+    std::array<s0_fwd_t, 3> s0_fwd{};
+    std::array<s0_bwd_t, 3> s0_bwd{};
+    std::array<b0_fwd_t, 3> b0_fwd{};
+    std::array<b0_bwd_t, 3> b0_bwd{};
     window_merge_t window_merge = nullptr;
     window_record_t window_record = nullptr;
     wake_t wake = nullptr;
@@ -77,7 +89,7 @@ Kernels k;
 
 // bind(addresses, parallel_threshold): the kernels' addresses in the order above (each family float32, float64,
 // bfloat16), then those of nz_window_merge, nz_window_record and nz_pool_wake.
-constexpr size_t kFamilies = 10;
+constexpr size_t kFamilies = 14;
 void bind(at::IntArrayRef addresses, int64_t parallel_threshold) {
     TORCH_CHECK(addresses.size() == 3 * kFamilies + 3, "normzoo::bind: expected ", 3 * kFamilies + 3,
                 " kernel addresses, got ", addresses.size());
@@ -93,6 +105,10 @@ void bind(at::IntArrayRef addresses, int64_t parallel_threshold) {
         k.switch_bwd[d] = reinterpret_cast<switch_bwd_t>(at_(21 + d));
         k.bin_fwd[d] = reinterpret_cast<bin_fwd_t>(at_(24 + d));
         k.bin_bwd[d] = reinterpret_cast<bin_bwd_t>(at_(27 + d));
+        k.s0_fwd[d] = reinterpret_cast<s0_fwd_t>(at_(30 + d));
+        k.s0_bwd[d] = reinterpret_cast<s0_bwd_t>(at_(33 + d));
+        k.b0_fwd[d] = reinterpret_cast<b0_fwd_t>(at_(36 + d));
+        k.b0_bwd[d] = reinterpret_cast<b0_bwd_t>(at_(39 + d));
     }
     k.window_merge = reinterpret_cast<window_merge_t>(at_(3 * kFamilies));
     k.window_record = reinterpret_cast<window_record_t>(at_(3 * kFamilies + 1));
@@ -779,6 +795,156 @@ Tensor row_norm(const Tensor &x, const OptionalTensor &weight, const OptionalTen
     return RowOp::apply(x, weight, bias, d, eps, rms);
 }
 
+// ---- EvoNorm-S0 and EvoNorm-B0 (nn.evonorm._S0Native, _B0Native) on their own kernels, which read gamma, beta
+// and v in one type (native_evonorm._typed): their own where they share one, else the arithmetic type ----
+struct EvoParams {
+    std::vector<Param> p;
+    at::ScalarType dtype;  // the type the kernels read them in, and write their gradients in
+    int code() const { return type_code(dtype); }
+};
+
+EvoParams evo_typed(int64_t c, at::ScalarType arith, std::initializer_list<const Tensor *> params) {
+    EvoParams out;
+    std::optional<at::ScalarType> common;
+    bool mixed = false;
+    for (const Tensor *t : params) {
+        out.p.push_back(typed(*t, c, arith));
+        const Tensor &u = out.p.back().t;
+        if (u.defined()) {
+            mixed = mixed || (common && *common != u.scalar_type());
+            common = u.scalar_type();
+        }
+    }
+    if (mixed) {
+        for (Param &q : out.p) {
+            if (q.t.defined()) q = {q.t.to(arith), type_code(arith)};
+        }
+    }
+    out.dtype = mixed || !common ? arith : *common;
+    return out;
+}
+
+// The buffers for dgamma, dbeta, dv (native_evonorm._grads: one (3, C) block of the parameters' read type), by the
+// edges of the parameters given; and those gradients in their parameters' dtypes.
+struct EvoGrads {
+    Tensor block, dg, db, dv;
+    EvoGrads(AutogradContext *ctx, int64_t c, at::ScalarType dtype, bool has_w, bool has_b, bool has_v) {
+        block = at::empty({3, c}, at::TensorOptions().dtype(dtype));
+        Edges edges;
+        if (edges.wants(ctx, has_w)) dg = block[0];
+        if (edges.wants(ctx, has_b)) db = block[1];
+        if (edges.wants(ctx, has_v)) dv = block[2];
+    }
+    static void *ptr(const Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
+};
+
+struct S0Op : public torch::autograd::Function<S0Op> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &weight,
+                          const OptionalTensor &bias, const OptionalTensor &v, int64_t groups, double eps,
+                          int64_t lay) {
+        const size_t d = dtype_index(x);
+        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
+        const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor()), vv = v.value_or(Tensor());
+        const EvoParams ps = evo_typed(c, arith_of(x), {&w, &b, &vv});
+        Tensor y = at::empty_like(x);
+        Tensor stats = at::empty({2, n, groups}, x.options().dtype(at::kDouble));  // group mean, rstd
+        double *p = stats.data_ptr<double>();
+        k.s0_fwd[d](x.data_ptr(), y.data_ptr(), n, c, numel / (n * c), groups, static_cast<int>(lay), ps.p[0].ptr(),
+                    ps.p[1].ptr(), ps.p[2].ptr(), ps.code(), eps, p, p + n * groups, threads_for(numel));
+        ctx->save_for_backward({x, w, vv, stats});
+        ctx->saved_data["groups"] = groups;
+        ctx->saved_data["lay"] = lay;
+        ctx->saved_data["dtypes"] = std::vector<int64_t>{dtype_code(w), dtype_code(b), dtype_code(vv)};
+        return y;
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &w = saved[1], &vv = saved[2], &stats = saved[3];
+        const size_t d = dtype_index(x);
+        const int64_t groups = ctx->saved_data["groups"].toInt();
+        const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
+        const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
+        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
+        const int nthreads = threads_for(numel);
+        wake_for(nthreads);
+        const Tensor dy = like(x, grads[0], lay);
+        Tensor dx = at::empty_like(x);
+        const EvoParams ps = evo_typed(c, arith_of(x), {&w, &vv});
+        const EvoGrads g(ctx, c, ps.dtype, dtypes[0] >= 0, dtypes[1] >= 0, dtypes[2] >= 0);
+        const double *p = stats.data_ptr<double>();
+        k.s0_bwd[d](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel / (n * c), groups, lay, ps.p[0].ptr(),
+                    ps.p[1].ptr(), ps.code(), p, p + n * groups, EvoGrads::ptr(g.dg), EvoGrads::ptr(g.db),
+                    EvoGrads::ptr(g.dv), nthreads);
+        return first_order_only({ctx->needs_input_grad(0) ? dx : Tensor(), grad_in(g.dg, dtypes[0]),
+                                 grad_in(g.db, dtypes[1]), grad_in(g.dv, dtypes[2]), Tensor(), Tensor(),
+                                 Tensor()},
+                                grads);
+    }
+};
+
+Tensor evonorm_s0(const Tensor &x, const OptionalTensor &weight, const OptionalTensor &bias, const OptionalTensor &v,
+                  int64_t groups, double eps, int64_t lay) {
+    return S0Op::apply(x, weight, bias, v, groups, eps, lay);
+}
+
+// B0: y and the float64 block the backward reads (native_evonorm.B0State: mu_i, sigma_i per (n, c); mu_b, m2_b,
+// sigma_b per channel); fixed_var: the variance behind sigma_b (eval), else the batch's.
+struct B0Op : public torch::autograd::Function<B0Op> {
+    static variable_list forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &weight,
+                                 const OptionalTensor &bias, const OptionalTensor &v, const OptionalTensor &fixed_var,
+                                 double eps, int64_t lay) {
+        const size_t d = dtype_index(x);
+        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
+        const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor()), vv = v.value_or(Tensor());
+        const bool use_batch = !(fixed_var.has_value() && fixed_var->defined());
+        const Tensor fv = use_batch ? Tensor() : fixed_var->detach().to(at::kDouble).contiguous();
+        const EvoParams ps = evo_typed(c, arith_of(x), {&w, &b, &vv});
+        Tensor y = at::empty_like(x);
+        Tensor buf = at::empty({2 * n * c + 3 * c}, x.options().dtype(at::kDouble));
+        k.b0_fwd[d](x.data_ptr(), y.data_ptr(), n, c, numel / (n * c), static_cast<int>(lay), ps.p[0].ptr(),
+                    ps.p[1].ptr(), ps.p[2].ptr(), ps.code(), eps, fv.defined() ? fv.data_ptr<double>() : nullptr,
+                    buf.data_ptr<double>(), threads_for(numel));
+        ctx->mark_non_differentiable({buf});
+        ctx->set_materialize_grads(false);
+        ctx->save_for_backward({x, w, vv, buf});
+        ctx->saved_data["use_batch"] = use_batch;
+        ctx->saved_data["lay"] = lay;
+        ctx->saved_data["dtypes"] = std::vector<int64_t>{dtype_code(w), dtype_code(b), dtype_code(vv)};
+        return {y, buf};
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        if (!grads[0].defined()) return variable_list(8);  // y was not used
+        const auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &w = saved[1], &vv = saved[2], &buf = saved[3];
+        const size_t d = dtype_index(x);
+        const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
+        const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
+        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
+        const int nthreads = threads_for(numel);
+        wake_for(nthreads);
+        const Tensor dy = like(x, grads[0], lay);
+        Tensor dx = at::empty_like(x);
+        const EvoParams ps = evo_typed(c, arith_of(x), {&w, &vv});
+        const EvoGrads g(ctx, c, ps.dtype, dtypes[0] >= 0, dtypes[1] >= 0, dtypes[2] >= 0);
+        k.b0_bwd[d](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel / (n * c), lay, ps.p[0].ptr(),
+                    ps.p[1].ptr(), ps.code(), buf.data_ptr<double>(), ctx->saved_data["use_batch"].toBool() ? 1 : 0,
+                    EvoGrads::ptr(g.dg), EvoGrads::ptr(g.db), EvoGrads::ptr(g.dv), nthreads);
+        return first_order_only({ctx->needs_input_grad(0) ? dx : Tensor(), grad_in(g.dg, dtypes[0]),
+                                 grad_in(g.db, dtypes[1]), grad_in(g.dv, dtypes[2]), Tensor(), Tensor(),
+                                 Tensor()},
+                                {grads[0]});
+    }
+};
+
+std::tuple<Tensor, Tensor> evonorm_b0(const Tensor &x, const OptionalTensor &weight, const OptionalTensor &bias,
+                                      const OptionalTensor &v, const OptionalTensor &fixed_var, double eps,
+                                      int64_t lay) {
+    auto out = B0Op::apply(x, weight, bias, v, fixed_var, eps, lay);
+    return {out[0], out[1]};
+}
+
 // ---- for normzoo bench: the step of an op that does no work, as the operators above are applied ----
 struct EmptyOp : public torch::autograd::Function<EmptyOp> {
     static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &p0, const OptionalTensor &p1,
@@ -823,6 +989,9 @@ TORCH_LIBRARY(normzoo, m) {
           "float eps, int lay) -> Tensor");
     m.def("filter_response_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? tau, Tensor? eps_t, float eps, "
           "int lay) -> Tensor");
+    m.def("evonorm_s0(Tensor x, Tensor? weight, Tensor? bias, Tensor? v, int groups, float eps, int lay) -> Tensor");
+    m.def("evonorm_b0(Tensor x, Tensor? weight, Tensor? bias, Tensor? v, Tensor? fixed_var, float eps, int lay) "
+          "-> (Tensor, Tensor)");
     m.def("empty_step(Tensor x, Tensor? p0, Tensor? p1, Tensor? p2, Tensor? p3) -> Tensor");
     m.def("batch_instance_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor rho, Tensor(a!)? running_mean, "
           "Tensor(b!)? running_var, bool use_batch, bool training, float momentum, float eps, int lay) -> Tensor");
@@ -840,5 +1009,7 @@ TORCH_LIBRARY_IMPL(normzoo, CompositeImplicitAutograd, m) {
     m.impl("switchable_norm", switchable_norm);
     m.impl("batch_instance_norm", batch_instance_norm);
     m.impl("empty_step", empty_step);
+    m.impl("evonorm_s0", evonorm_s0);
+    m.impl("evonorm_b0", evonorm_b0);
     m.impl("filter_response_norm", filter_response_norm);
 }

@@ -59,7 +59,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from normzoo import _checks, kernels, native, native_evonorm
+from normzoo import _checks, kernels, native, native_evonorm, native_ops
 from normzoo._autograd import grad_as, once_differentiable
 from normzoo.nn.group import default_groups
 from normzoo.registry import register
@@ -260,14 +260,21 @@ def evonorm_b0(
     use_batch = training or running_var is None
     if use_batch:
         _checks.check_batch_stats(name, input, input.numel() // c if input.numel() else 0)
-    if native.supports(input):
+    lay = native.supported_layout(input)
+    if lay is not None:
         native.wake_workers(input)
-        stats: list = []
-        y = _B0Native.apply(input, weight, bias, v, None if use_batch else running_var, eps, stats)
+        compiled = native_ops.ops()
+        if compiled is not None:  # the same op with its autograd in C++
+            y, buf = compiled.evonorm_b0(input, weight, bias, v, None if use_batch else running_var, eps, lay)
+            state = native_evonorm.B0State(buf, *input.shape[:2])
+        else:
+            stats: list = []
+            y = _B0Native.apply(input, weight, bias, v, None if use_batch else running_var, eps, stats)
+            state = stats[0]
         if training and running_var is not None:
             with torch.no_grad():  # unbiased batch variance from the kernels' exact batch moments
                 count = input.numel() // c
-                running_var.lerp_((stats[0].m2_b / (count - 1)).to(running_var.dtype), momentum)
+                running_var.lerp_((state.m2_b / (count - 1)).to(running_var.dtype), momentum)
         return y
     if use_batch:
         if training and running_var is not None:
@@ -312,8 +319,12 @@ def evonorm_s0(
     name = "evonorm_s0"
     c = _check_common(name, input, weight, bias, v, eps)
     _checks.check_groups(name, groups, c)
-    if native.supports(input):
+    lay = native.supported_layout(input)
+    if lay is not None:
         native.wake_workers(input)
+        compiled = native_ops.ops()
+        if compiled is not None:  # the same op with its autograd in C++
+            return compiled.evonorm_s0(input, weight, bias, v, groups, eps, lay)
         return _S0Native.apply(input, weight, bias, v, groups, eps)
     n = input.shape[0]
 
