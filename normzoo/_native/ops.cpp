@@ -233,6 +233,25 @@ struct Edges {
     bool wants(AutogradContext *ctx, bool present) { return present && ctx->needs_input_grad(next++); }
 };
 
+// What the backward of every op on (N, C, *S) input starts from: its saved tensors (x first), x's dtype index, shape
+// and layout (saved as "lay"), the threads (the pool's workers woken), and dy in x's dtype and layout.
+struct Backward {
+    variable_list saved;
+    Tensor x, dy;
+    size_t d;
+    int lay, nthreads;
+    int64_t n, c, numel;
+
+    Backward(AutogradContext *ctx, const Tensor &grad)
+        : saved(ctx->get_saved_variables()), x(saved[0]), d(dtype_index(x)),
+          lay(static_cast<int>(ctx->saved_data["lay"].toInt())), nthreads(threads_for(x.numel())), n(x.size(0)),
+          c(x.size(1)), numel(x.numel()) {
+        wake_for(nthreads);
+        dy = like(x, grad, lay);
+    }
+    int64_t l() const { return numel / (n * c); }
+};
+
 // The bias is not saved for the backward (the kernels do not read it): its dtype and shape are.
 void save_bias(AutogradContext *ctx, const Tensor &b) {
     ctx->saved_data["bias_dtype"] = b.defined() ? static_cast<int64_t>(b.scalar_type()) : int64_t(-1);
@@ -296,21 +315,15 @@ struct GroupOp : public torch::autograd::Function<GroupOp> {
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
         if (!grads[0].defined()) return variable_list(7);  // y was not used
-        const auto saved = ctx->get_saved_variables();
-        const Tensor &x = saved[0], &w = saved[1], &stats = saved[2];
-        const size_t d = dtype_index(x);
+        const Backward s(ctx, grads[0]);
+        const Tensor &w = s.saved[1], &stats = s.saved[2];
         const int64_t groups = ctx->saved_data["groups"].toInt();
-        const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
-        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
-        const int nthreads = threads_for(numel);
-        wake_for(nthreads);
-        const Tensor dy = like(x, grads[0], lay);
-        Tensor dx = at::empty_like(x);
-        const AffineGrads pg(ctx, w, c, arith_of(x));
+        Tensor dx = at::empty_like(s.x);
+        const AffineGrads pg(ctx, w, s.c, arith_of(s.x));
         const double *p = stats.data_ptr<double>();
-        k.group_bwd[d](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel / (n * c), groups, lay, pg.g.ptr(),
-                       pg.gcode, nullptr, pg.bcode, nullptr, 0, static_cast<int>(ctx->saved_data["mode"].toInt()), p,
-                       p + 2 * n * groups, pg.dg_ptr(), pg.db_ptr(), nullptr, nullptr, nthreads);
+        k.group_bwd[s.d](s.dy.data_ptr(), s.x.data_ptr(), dx.data_ptr(), s.n, s.c, s.l(), groups, s.lay, pg.g.ptr(),
+                         pg.gcode, nullptr, pg.bcode, nullptr, 0, static_cast<int>(ctx->saved_data["mode"].toInt()),
+                         p, p + 2 * s.n * groups, pg.dg_ptr(), pg.db_ptr(), nullptr, nullptr, s.nthreads);
         const auto [dg, db] = pg.as_params();
         return first_order_only({dx, dg, db, Tensor(), Tensor(), Tensor(), Tensor()}, {grads[0]});
     }
@@ -356,15 +369,10 @@ struct FrnOp : public torch::autograd::Function<FrnOp> {
     }
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        const auto saved = ctx->get_saved_variables();
-        const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &t = saved[3], &stats = saved[4];
-        const size_t d = dtype_index(x);
-        const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
+        const Backward s(ctx, grads[0]);
+        const Tensor &x = s.x, &w = s.saved[1], &b = s.saved[2], &t = s.saved[3], &stats = s.saved[4];
         const bool learned = ctx->saved_data.count("eps_dtype") > 0;
-        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
-        const int nthreads = threads_for(numel);
-        wake_for(nthreads);
-        const Tensor dy = like(x, grads[0], lay);
+        const int64_t n = s.n, c = s.c;
         Tensor dx = at::empty_like(x);
         const at::ScalarType a = arith_of(x);
         const Param g = typed(w, c, a), bt = typed(b, c, a), tt = typed(t, c, a);  // the TLU's mask reads b and t
@@ -376,9 +384,9 @@ struct FrnOp : public torch::autograd::Function<FrnOp> {
         const Tensor dr = edges.wants(ctx, learned) ? at::empty({n, c}, x.options().dtype(at::kDouble)) : Tensor();
         auto ptr = [](const Tensor &u) -> void * { return u.defined() ? u.data_ptr() : nullptr; };
         const double *p = stats.data_ptr<double>();
-        k.group_bwd[d](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel / (n * c), c, lay, g.ptr(), gcode,
-                       bt.ptr(), bcode, tt.ptr(), tcode, 2, p, p + 2 * n * c, ptr(dg), ptr(db), ptr(dt),
-                       dr.defined() ? dr.data_ptr<double>() : nullptr, nthreads);
+        k.group_bwd[s.d](s.dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, s.l(), c, s.lay, g.ptr(), gcode, bt.ptr(),
+                         bcode, tt.ptr(), tcode, 2, p, p + 2 * n * c, ptr(dg), ptr(db), ptr(dt),
+                         dr.defined() ? dr.data_ptr<double>() : nullptr, s.nthreads);
         Tensor deps;
         if (dr.defined()) {
             deps = (-0.5 * dr * stats[2].pow(3)).sum().reshape(ctx->saved_data["eps_shape"].toIntVector());
@@ -467,22 +475,17 @@ struct BatchOp : public torch::autograd::Function<BatchOp> {
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
         const variable_list none(12);
         if (!grads[0].defined()) return none;  // y was not used
-        const auto saved = ctx->get_saved_variables();
-        const Tensor &x = saved[0], &w = saved[1], &stats = saved[2];
-        const size_t d = dtype_index(x);
-        const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
+        const Backward s(ctx, grads[0]);
+        const Tensor &w = s.saved[1], &stats = s.saved[2];
         const bool renorm = ctx->saved_data["renorm"].toBool();
-        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
-        const int nthreads = threads_for(numel);
-        wake_for(nthreads);
-        const Tensor dy = like(x, grads[0], lay);
-        Tensor dx = at::empty_like(x);
-        const AffineGrads pg(ctx, w, c, arith_of(x));
+        const int64_t c = s.c;
+        Tensor dx = at::empty_like(s.x);
+        const AffineGrads pg(ctx, w, c, arith_of(s.x));
         const double *p = stats.data_ptr<double>();
-        k.batch_bwd[d](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel / (n * c), lay, pg.g.ptr(), pg.gcode,
-                       p, p + 2 * c, static_cast<int>(ctx->saved_data["mode"].toInt()),
-                       ctx->saved_data["count"].toDouble(), renorm ? p + 3 * c : nullptr, pg.dg_ptr(), pg.db_ptr(),
-                       pg.bcode, nthreads);
+        k.batch_bwd[s.d](s.dy.data_ptr(), s.x.data_ptr(), dx.data_ptr(), s.n, c, s.l(), s.lay, pg.g.ptr(), pg.gcode,
+                         p, p + 2 * c, static_cast<int>(ctx->saved_data["mode"].toInt()),
+                         ctx->saved_data["count"].toDouble(), renorm ? p + 3 * c : nullptr, pg.dg_ptr(), pg.db_ptr(),
+                         pg.bcode, s.nthreads);
         variable_list out = none;
         std::tie(out[1], out[2]) = pg.as_params();
         out[0] = dx;
@@ -620,29 +623,18 @@ void save_mixture(AutogradContext *ctx, const Tensor &x, const Tensor &w, const 
     ctx->saved_data["dtypes"] = std::move(dtypes);
 }
 
-struct MixtureGrads {
-    Tensor x, keep, dy, dx;
-    size_t d;
-    int lay, nthreads, use_batch;
-    int64_t n, c;
+struct MixtureGrads : Backward {
+    Tensor keep, dx;
+    int use_batch;
     Param g;
     std::vector<int64_t> dtypes;
     std::vector<Tensor> outs;
     std::vector<int> codes;
 
-    MixtureGrads(AutogradContext *ctx, const variable_list &grads, std::initializer_list<int64_t> sizes) {
-        const auto saved = ctx->get_saved_variables();
-        x = saved[0], keep = saved[2];
-        d = dtype_index(x);
-        lay = static_cast<int>(ctx->saved_data["lay"].toInt());
-        use_batch = ctx->saved_data["use_batch"].toBool() ? 1 : 0;
-        dtypes = ctx->saved_data["dtypes"].toIntVector();
-        n = x.size(0), c = x.size(1);
-        nthreads = threads_for(x.numel());
-        wake_for(nthreads);
-        dy = like(x, grads[0], lay);
+    MixtureGrads(AutogradContext *ctx, const variable_list &grads, std::initializer_list<int64_t> sizes)
+        : Backward(ctx, grads[0]), keep(saved[2]), use_batch(ctx->saved_data["use_batch"].toBool() ? 1 : 0),
+          g(typed(saved[1], c, at::kDouble)), dtypes(ctx->saved_data["dtypes"].toIntVector()) {
         if (ctx->needs_input_grad(0)) dx = at::empty_like(x);
-        g = typed(saved[1], c, at::kDouble);
         Edges edges;  // weight and bias may be absent; the mixing parameters are always there
         size_t i = 0;
         for (int64_t size : sizes) {
@@ -693,7 +685,7 @@ struct SwitchOp : public torch::autograd::Function<SwitchOp> {
         const MixtureGrads m(ctx, grads, {-1, -1, 3, 3});
         const int64_t n = m.n, c = m.c;
         Tensor tmp = at::empty({5 * n * c + 3 * c + 6}, m.x.options().dtype(at::kDouble));
-        k.switch_bwd[m.d](m.dy.data_ptr(), m.x.data_ptr(), m.ptr(m.dx), n, c, m.x.numel() / (n * c), m.lay,
+        k.switch_bwd[m.d](m.dy.data_ptr(), m.x.data_ptr(), m.ptr(m.dx), n, c, m.l(), m.lay,
                           m.use_batch, m.g.ptr(), m.g.code, m.keep.data_ptr<double>(), tmp.data_ptr<double>(),
                           m.out(0), m.codes[0], m.out(1), m.codes[1], m.out(2), m.codes[2], m.out(3), m.codes[3],
                           m.nthreads);
@@ -737,7 +729,7 @@ struct BinOp : public torch::autograd::Function<BinOp> {
         const MixtureGrads m(ctx, grads, {-1, -1, -1});
         const int64_t n = m.n, c = m.c;
         Tensor tmp = at::empty({5 * n * c + 4 * c}, m.x.options().dtype(at::kDouble));
-        k.bin_bwd[m.d](m.dy.data_ptr(), m.x.data_ptr(), m.ptr(m.dx), n, c, m.x.numel() / (n * c), m.lay, m.use_batch,
+        k.bin_bwd[m.d](m.dy.data_ptr(), m.x.data_ptr(), m.ptr(m.dx), n, c, m.l(), m.lay, m.use_batch,
                        m.g.ptr(), m.g.code, m.keep.data_ptr<double>(), tmp.data_ptr<double>(), m.out(0), m.codes[0],
                        m.out(1), m.codes[1], m.out(2), m.codes[2], m.nthreads);
         return first_order_only(m.result(11), grads);
@@ -859,23 +851,17 @@ struct S0Op : public torch::autograd::Function<S0Op> {
     }
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        const auto saved = ctx->get_saved_variables();
-        const Tensor &x = saved[0], &w = saved[1], &vv = saved[2], &stats = saved[3];
-        const size_t d = dtype_index(x);
+        const Backward s(ctx, grads[0]);
+        const Tensor &w = s.saved[1], &vv = s.saved[2], &stats = s.saved[3];
         const int64_t groups = ctx->saved_data["groups"].toInt();
-        const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
         const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
-        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
-        const int nthreads = threads_for(numel);
-        wake_for(nthreads);
-        const Tensor dy = like(x, grads[0], lay);
-        Tensor dx = at::empty_like(x);
-        const EvoParams ps = evo_typed(c, arith_of(x), {&w, &vv});
-        const EvoGrads g(ctx, c, ps.dtype, dtypes[0] >= 0, dtypes[1] >= 0, dtypes[2] >= 0);
+        Tensor dx = at::empty_like(s.x);
+        const EvoParams ps = evo_typed(s.c, arith_of(s.x), {&w, &vv});
+        const EvoGrads g(ctx, s.c, ps.dtype, dtypes[0] >= 0, dtypes[1] >= 0, dtypes[2] >= 0);
         const double *p = stats.data_ptr<double>();
-        k.s0_bwd[d](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel / (n * c), groups, lay, ps.p[0].ptr(),
-                    ps.p[1].ptr(), ps.code(), p, p + n * groups, EvoGrads::ptr(g.dg), EvoGrads::ptr(g.db),
-                    EvoGrads::ptr(g.dv), nthreads);
+        k.s0_bwd[s.d](s.dy.data_ptr(), s.x.data_ptr(), dx.data_ptr(), s.n, s.c, s.l(), groups, s.lay, ps.p[0].ptr(),
+                      ps.p[1].ptr(), ps.code(), p, p + s.n * groups, EvoGrads::ptr(g.dg), EvoGrads::ptr(g.db),
+                      EvoGrads::ptr(g.dv), s.nthreads);
         return first_order_only({ctx->needs_input_grad(0) ? dx : Tensor(), grad_in(g.dg, dtypes[0]),
                                  grad_in(g.db, dtypes[1]), grad_in(g.dv, dtypes[2]), Tensor(), Tensor(),
                                  Tensor()},
@@ -916,21 +902,15 @@ struct B0Op : public torch::autograd::Function<B0Op> {
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
         if (!grads[0].defined()) return variable_list(8);  // y was not used
-        const auto saved = ctx->get_saved_variables();
-        const Tensor &x = saved[0], &w = saved[1], &vv = saved[2], &buf = saved[3];
-        const size_t d = dtype_index(x);
-        const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
+        const Backward s(ctx, grads[0]);
+        const Tensor &w = s.saved[1], &vv = s.saved[2], &buf = s.saved[3];
         const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
-        const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
-        const int nthreads = threads_for(numel);
-        wake_for(nthreads);
-        const Tensor dy = like(x, grads[0], lay);
-        Tensor dx = at::empty_like(x);
-        const EvoParams ps = evo_typed(c, arith_of(x), {&w, &vv});
-        const EvoGrads g(ctx, c, ps.dtype, dtypes[0] >= 0, dtypes[1] >= 0, dtypes[2] >= 0);
-        k.b0_bwd[d](dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel / (n * c), lay, ps.p[0].ptr(),
-                    ps.p[1].ptr(), ps.code(), buf.data_ptr<double>(), ctx->saved_data["use_batch"].toBool() ? 1 : 0,
-                    EvoGrads::ptr(g.dg), EvoGrads::ptr(g.db), EvoGrads::ptr(g.dv), nthreads);
+        Tensor dx = at::empty_like(s.x);
+        const EvoParams ps = evo_typed(s.c, arith_of(s.x), {&w, &vv});
+        const EvoGrads g(ctx, s.c, ps.dtype, dtypes[0] >= 0, dtypes[1] >= 0, dtypes[2] >= 0);
+        k.b0_bwd[s.d](s.dy.data_ptr(), s.x.data_ptr(), dx.data_ptr(), s.n, s.c, s.l(), s.lay, ps.p[0].ptr(),
+                      ps.p[1].ptr(), ps.code(), buf.data_ptr<double>(), ctx->saved_data["use_batch"].toBool() ? 1 : 0,
+                      EvoGrads::ptr(g.dg), EvoGrads::ptr(g.db), EvoGrads::ptr(g.dv), s.nthreads);
         return first_order_only({ctx->needs_input_grad(0) ? dx : Tensor(), grad_in(g.dg, dtypes[0]),
                                  grad_in(g.db, dtypes[1]), grad_in(g.dv, dtypes[2]), Tensor(), Tensor(),
                                  Tensor()},
