@@ -334,3 +334,33 @@ def test_torch_compile_runs_the_layers_as_eager_without_warnings():
     torch.testing.assert_close(y, y_eager)
     for p, q in zip(twin.parameters(), model.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_direct_entries_where_python_headers_exist_and_the_same_as_torch_ops():
+    """Built with Python's headers, the library's own entry points serve the layers; they give what the registered
+    torch.ops operators give, and refuse a wrong argument count or a non-tensor as errors, not crashes."""
+    import sysconfig
+
+    if not _compiled_available():
+        pytest.skip(f"compiled operators unavailable: {native_ops.status()}")
+    include = sysconfig.get_paths().get("include")
+    if include is None or not os.path.isfile(os.path.join(include, "Python.h")):
+        pytest.skip("Python's headers are not installed here")
+    assert native_ops.entries() == "direct"
+    ops = native_ops.ops()
+    x = torch.randn(3, 6, 4, 4, requires_grad=True)
+    w, b = torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)
+    dy = torch.randn(3, 6, 4, 4)
+    results = []
+    for call in (ops.group_norm, torch.ops.normzoo.group_norm):
+        y = call(x, w, b, 3, 1e-5, 0, 0)
+        results.append([y, *torch.autograd.grad(y, (x, w, b), dy)])
+    _assert_identical(*results)
+    y, stats = ops.batch_norm_stats(x, w, b, None, None, 0.0, 1e-5, 0, 0, False, 0.0, 0.0, 0.0, None, None)
+    assert stats.shape == (3, 6) and stats.dtype == torch.float64 and not stats.requires_grad
+    with pytest.raises(TypeError, match="expected 7 arguments, got 6"):
+        ops.group_norm(x, w, b, 3, 1e-5, 0)
+    with pytest.raises(RuntimeError, match="expected a tensor"):
+        ops.group_norm("x", w, b, 3, 1e-5, 0, 0)
+    with pytest.raises(TypeError):
+        ops.group_norm(x, w, b, "3", 1e-5, 0, 0)

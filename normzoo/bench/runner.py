@@ -283,7 +283,7 @@ def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequen
         "allocator": alloc,
         "omp_wait": environment.omp_wait_info(),
         "kernel_threads": native.threads(),
-        "autograd_ops": native_ops.status(),
+        "autograd_ops": native_ops.status() + (f", called {native_ops.entries()}" if native_ops.ops() else ""),
         "machine": harness.machine_info(),
         "loadavg_before": load_before,
         "loadavg_after": whole.loadavg,
