@@ -364,3 +364,28 @@ def test_direct_entries_where_python_headers_exist_and_the_same_as_torch_ops():
         ops.group_norm("x", w, b, 3, 1e-5, 0, 0)
     with pytest.raises(TypeError):
         ops.group_norm(x, w, b, "3", 1e-5, 0, 0)
+
+
+def test_without_python_headers_the_operators_are_called_through_torch_ops():
+    """Built without Python's headers (as where they are not installed), the library has no entry points of its
+    own: the layers call the registered torch.ops operators, with the same results."""
+    if not _compiled_available():
+        pytest.skip(f"compiled operators unavailable: {native_ops.status()}")
+    code = (
+        "import torch, normzoo\n"
+        "from normzoo import native, native_ops\n"
+        "if {no_headers}: native._python_include = lambda: None\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(4, 6, 5, 5, requires_grad=True)\n"
+        "m = normzoo.create('gn', 6, groups=3)\n"
+        "y = m(x); y.backward(torch.ones_like(y))\n"
+        "print(native_ops.entries())\n"
+        "print(repr(float(y.square().sum())), repr(float(x.grad.abs().sum())))\n"
+    )
+    runs = [subprocess.run([sys.executable, "-c", code.format(no_headers=flag)], capture_output=True, text=True,
+                           timeout=300) for flag in (True, False)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    without, with_ = (run.stdout.splitlines() for run in runs)
+    assert without[0] == "torch.ops (built without Python's headers)"
+    assert without[1] == with_[1]
