@@ -8,8 +8,9 @@ At small and medium sizes that is most of a step. ``_native/ops.cpp`` does what 
 Cross-Iteration BN training), :class:`normzoo.row_norm._RowNormFn` (LayerNorm, RMSNorm), and the native ops of
 Switchable Norm, Batch-Instance Norm, Filter Response Norm and EvoNorm do, on the same kernels (:mod:`normzoo.native`, whose
 addresses it is handed), as ``torch.autograd.Function`` in C++ behind registered operators. Measured on 2 cores
-(GroupNorm, forward and backward, after a 300 us pause, balanced A/B): at 2x32x4x4 76 us against the Python op's
-105 (torch.nn 104); at 8x256x14x14 with OpenMP's default wait policy 346 against 390 (torch.nn 378).
+(GroupNorm, forward and backward, after a 300 us pause, balanced A/B, called through ``torch.ops``): at 2x32x4x4
+100 us against the Python op's 127 (torch.nn 120, ``OMP_WAIT_POLICY=PASSIVE``); at 8x256x14x14 with OpenMP's
+default wait policy 360 against 403 (torch.nn 372).
 
 Where Python's headers are installed, the library is also an extension module whose entry points the layers call
 (:func:`entries`): they convert the arguments by the C++ signatures and call the operators' functions directly,
