@@ -540,8 +540,9 @@ def _batch_instance(x, w, b, rm, rv, training, gen):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
-# (1, 6, 32, 33): one sample, whose channels_last per-(n, c) moments and sums go in pieces over the threads
-@pytest.mark.parametrize("shape", [(5, 6, 7, 3), (1, 6, 32, 33)])
+# (1, 6, 32, 33): one sample, whose channels_last per-(n, c) moments and sums go in pieces over the threads;
+# (2, 16, 8, 9): contiguous Batch-Instance Norm a channel at a time on two threads (on one: (5, 6, 7, 3))
+@pytest.mark.parametrize("shape", [(5, 6, 7, 3), (1, 6, 32, 33), (2, 16, 8, 9)])
 def test_mixture_norms_native_algebra_equals_fallback(method, training, dtype, channels_last, shape, fallback):
     """Switchable Norm's and Batch-Instance Norm's O(N C) algebra in C equals the PyTorch-operations path:
     output, the gradients of the input, the affine parameters and the mixing parameters (logits, gate), and
@@ -550,9 +551,10 @@ def test_mixture_norms_native_algebra_equals_fallback(method, training, dtype, c
     x = (torch.randn(shape, generator=gen) * 2 + 1.5).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    w, b = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+    c = shape[1]
+    w, b = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
     g = torch.randn(x.shape, generator=gen).to(dtype)
-    start = (torch.randn(6, generator=gen), torch.rand(6, generator=gen) + 0.5)
+    start = (torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5)
     if dtype == torch.bfloat16:  # a model moved to bfloat16 has bfloat16 buffers
         start = tuple(t.to(dtype) for t in start)
 
