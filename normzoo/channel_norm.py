@@ -245,6 +245,12 @@ class _ChannelNormFn(torch.autograd.Function):
 _group_apply, _batch_apply = lean_apply(_GroupFn), lean_apply(_BatchFn)
 
 
+def _running_args(running: Optional[Running]) -> Tuple[Optional[Tensor], Optional[Tensor], float]:
+    """``running_mean, running_var, momentum`` as the compiled BatchNorm operators take them (``None, None, 0.0``:
+    none to update)."""
+    return (running.mean, running.var, running.momentum) if running is not None else (None, None, 0.0)
+
+
 def channel_norm(
     x: Tensor,
     weight: Optional[Tensor],
@@ -287,10 +293,9 @@ def channel_norm(
     if prepared is None and policy.over == "batch" and mode != "rms" and scalar_extra and lay is not None:
         compiled = native_ops.ops()
         if compiled is not None:  # the same op with its autograd in C++; it updates the running statistics
-            run = (running.mean, running.var, running.momentum) if running is not None else (None, None, 0.0)
             window = (float(extra.count), extra.mean, extra.m2) if extra is not None else (0.0, None, None)
-            y, stats = compiled.batch_norm_stats(x, weight, bias, *run, eps, native._MODES[mode], lay, False, 0.0, 0.0,
-                                                 *window)
+            y, stats = compiled.batch_norm_stats(x, weight, bias, *_running_args(running), eps, native._MODES[mode],
+                                                 lay, False, 0.0, 0.0, *window)
             running_done = running is not None
         else:
             y = _batch_apply(x, weight, bias, eps, mode, extra, running, lay, out)
@@ -339,10 +344,7 @@ def batch_stats_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
         native.wake_workers(x)
         compiled = native_ops.ops()
         if compiled is not None:  # the same op with its autograd in C++ (it also updates the running statistics)
-            if running is None:
-                return compiled.batch_norm(x, weight, bias, None, None, 0.0, eps, native._MODES[mode], lay)
-            return compiled.batch_norm(x, weight, bias, running.mean, running.var, running.momentum, eps,
-                                       native._MODES[mode], lay)
+            return compiled.batch_norm(x, weight, bias, *_running_args(running), eps, native._MODES[mode], lay)
         out: list = []
         y = _batch_apply(x, weight, bias, eps, mode, None, running, lay, out)
         stats, running_done = out

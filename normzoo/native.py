@@ -48,9 +48,9 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trap
           "-pthread"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     # Where the CPU has AVX-512, loops the compiler vectorizes by itself use it (GCC prefers 256-bit vectors by
-    # default; the kernels' own vector types stay 256-bit). EvoNorm's sigmoid, a loop of its own: S0 channels_last
-    # at 16x128x28x28 on 2 cores, forward 705 -> 602 us, backward 1084 -> 954; LayerNorm's backward at 8x512x768
-    # 7% less; the other kernels within noise.
+    # default; the kernels' own vector types follow __AVX512F__, see NZ_VB). EvoNorm's sigmoid, a loop of its own:
+    # S0 channels_last at 16x128x28x28 on 2 cores, forward 705 -> 602 us, backward 1084 -> 954; LayerNorm's
+    # backward at 8x512x768 7% less; the other kernels within noise.
     _FLAGS.insert(2, "-mprefer-vector-width=512")
 #: Below this many elements (256 KB of float32) a kernel runs on one thread. With the pool's workers woken as a
 #: layer's Python begins (:func:`wake_workers`), a second thread pays from about 32K elements on: after a 300 us
@@ -190,16 +190,27 @@ def _python_include() -> Optional[str]:
 def _compile(cc: str, src: str, flags: Sequence[str], lib_path: Path) -> Optional[str]:
     """Compile ``src`` into ``lib_path``, atomically; the compiler's complaint if it fails, else None."""
     print(f"normzoo: building the native CPU kernels into {lib_path.parent} (once, about 20 s)", file=sys.stderr)
+    return compile_library(src, "kernels.c", lib_path, [[cc, *_FLAGS, *flags, "{src}", "-o", "{out}", "-lm"]])
+
+
+def compile_library(src: str, name: str, lib_path: Path, commands: Sequence[Sequence[str]]) -> Optional[str]:
+    """Write ``src`` to a file ``name`` in a temporary folder beside ``lib_path`` and run the first of ``commands``
+    that succeeds (``{src}`` and ``{out}`` stand for the source file and the library built), then move the library
+    into place atomically: concurrent builders never see a partial file. The last command's complaint if none
+    succeeds, else None."""
     lib_path.parent.mkdir(parents=True, exist_ok=True)
+    failure = "no compiler command"
     with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
-        c_file = Path(tmp) / "kernels.c"
-        c_file.write_text(src)
-        out = Path(tmp) / lib_path.name
-        proc = subprocess.run([cc, *_FLAGS, *flags, str(c_file), "-o", str(out), "-lm"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            return proc.stderr[-2000:] or f"{cc} exited with {proc.returncode}"
-        os.replace(out, lib_path)  # atomic: concurrent builders never see a partial file
-    return None
+        src_file, out = Path(tmp) / name, Path(tmp) / lib_path.name
+        src_file.write_text(src)
+        for command in commands:
+            args = [str(src_file) if a == "{src}" else str(out) if a == "{out}" else a for a in command]
+            proc = subprocess.run(args, capture_output=True, text=True)
+            if proc.returncode == 0:
+                os.replace(out, lib_path)
+                return None
+            failure = proc.stderr[-2000:] or f"{args[0]} exited with {proc.returncode}"
+    return failure
 
 
 def _build() -> ctypes.CDLL:
@@ -232,7 +243,7 @@ def _build() -> ctypes.CDLL:
         _declare(lib)
         if flags:
             try:
-                _entries, _entries_why_not = _import_entries(lib_path), ""
+                _entries, _entries_why_not = import_extension(lib_path), ""
             except Exception as exc:  # the library itself loaded: ctypes calls it
                 _entries, _entries_why_not = None, f"importing them failed ({exc})"
         elif failure is not None:
@@ -245,11 +256,11 @@ def _build() -> ctypes.CDLL:
     raise RuntimeError(f"compiling the native kernels failed:\n{failure}")
 
 
-def _import_entries(lib_path: Path) -> Any:
-    """The library that ctypes has loaded, imported as the extension module it also is: the same loaded copy (one
-    set of kernels, one thread pool)."""
-    loader = importlib.machinery.ExtensionFileLoader(_MODULE_NAME, str(lib_path))
-    spec = importlib.util.spec_from_file_location(_MODULE_NAME, str(lib_path), loader=loader)
+def import_extension(lib_path: Path, name: str = _MODULE_NAME) -> Any:
+    """A library already loaded (by ctypes, or ``torch.ops.load_library``) imported as the extension module ``name``
+    it also is: the same loaded copy (for the kernels, one set of them and one thread pool)."""
+    loader = importlib.machinery.ExtensionFileLoader(name, str(lib_path))
+    spec = importlib.util.spec_from_file_location(name, str(lib_path), loader=loader)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     loader.exec_module(module)
     return module
@@ -570,15 +581,9 @@ def _nc(t: Tensor, n: int, c: int) -> Tensor:
     return t.to(torch.float64).expand(n, c).contiguous()
 
 
-_fn_cache: Dict[Tuple[str, torch.dtype], Any] = {}
-
-
 def _fn(name: str, dtype: torch.dtype):
-    """The core's kernel ``nz_<name>_<dtype's suffix>`` (:func:`entry`), looked up by ``(name, dtype)``."""
-    fn = _fn_cache.get((name, dtype))
-    if fn is None:
-        fn = _fn_cache[name, dtype] = entry(f"nz_{name}_{{suf}}", dtype)
-    return fn
+    """The core's kernel ``nz_<name>_<dtype's suffix>`` (:func:`entry`)."""
+    return entry(f"nz_{name}_{{suf}}", dtype)
 
 
 def _like(x: Tensor, other: Tensor, lay: Optional[int] = None) -> Tensor:
@@ -671,12 +676,8 @@ def _grad_out(wanted: bool, size: int, param_dtype: Optional[torch.dtype], code:
     """The core kernels' buffer for a parameter's gradient, which they write in the type they read the parameter
     in: ``(buffer, its code)`` in ``param_dtype`` (the parameter's, or the dtype of one not passed) where they
     write that type, else in ``arith`` (the input's arithmetic type); where not wanted ``(None, code)``, the
-    parameter's code kept. (Written out rather than through :func:`_typed_buffer`: a backward makes two or three
-    of these, and a Python call costs a microsecond there after the thread has slept.)"""
-    if not wanted:
-        return None, code
-    want = param_dtype if param_dtype in _RUNNING_TYPES else arith
-    return torch.empty(size, dtype=want), _RUNNING_TYPES[want]
+    parameter's code kept."""
+    return _typed_buffer(param_dtype, size, arith) if wanted else (None, code)
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
@@ -936,16 +937,14 @@ def rownorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 
 def rownorm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tensor, rms: bool,
                      dgamma: bool = True, dbeta: bool = True, d: Optional[int] = None,
-                     bias_dtype: Optional[torch.dtype] = None,
-                     trusted: bool = False) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                     bias_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """``dx`` (like ``x``), and where asked for the column sums ``dgamma = sum dy * x_hat``, ``dbeta = sum dy``
     (``(D,)``, in the weight's and ``bias_dtype`` as :func:`batch_backward`), from :func:`rownorm_forward`'s
-    statistics block. Rows as there. ``trusted``: from an autograd op that hands back ``stats`` as
-    :func:`rownorm_forward` gave them for this ``x`` (then not checked again)."""
+    statistics block. Rows as there."""
     d = x.shape[-1] if d is None else d
     numel, dtype = x.numel(), x.dtype
     r = numel // d
-    if not trusted and (stats.shape != (2, r) or stats.dtype != torch.float64 or not stats.is_contiguous()):
+    if stats.shape != (2, r) or stats.dtype != torch.float64 or not stats.is_contiguous():
         raise ValueError(f"rownorm_backward: stats must be rownorm_forward's contiguous float64 (2, {r}) block, "
                          f"got {stats.dtype} {tuple(stats.shape)}")
     if dy.dtype != dtype or not dy.is_contiguous():

@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import importlib.machinery
-import importlib.util
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, List, NamedTuple, Optional, Tuple
@@ -136,10 +133,6 @@ def _load() -> None:
         _loaded = True
 
 
-def _torch_paths() -> Path:
-    return Path(torch.__file__).parent
-
-
 def _build() -> Tuple[Path, bool]:
     """Compile ``ops.cpp`` against this PyTorch (once per source, compiler and PyTorch): the library, and whether
     it has the Python entry points (built where Python's headers are installed; else, or if that build fails,
@@ -147,7 +140,7 @@ def _build() -> Tuple[Path, bool]:
     cxx = native.find_compiler(os.environ.get("CXX"), "c++", "g++", "clang++")
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    root = _torch_paths()
+    root = Path(torch.__file__).parent
     include = [root / "include", root / "include" / "torch" / "csrc" / "api" / "include"]
     if not (include[0] / "torch" / "library.h").is_file():
         raise RuntimeError(f"PyTorch's C++ headers are not installed (no {include[0] / 'torch' / 'library.h'})")
@@ -178,18 +171,10 @@ def _build() -> Tuple[Path, bool]:
 
 def _compile(cxx: str, src: str, flags: List[str], path: Path) -> None:
     print(f"normzoo: building the compiled operators into {path.parent} (once, about 15 s)", file=sys.stderr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    failure = ""
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        cpp, out = Path(tmp) / "ops.cpp", Path(tmp) / path.name
-        cpp.write_text(src)
-        for standard in _STANDARDS:
-            proc = subprocess.run([cxx, standard, str(cpp), "-o", str(out), *flags], capture_output=True, text=True)
-            if proc.returncode == 0:
-                os.replace(out, path)  # atomic: concurrent builders never see a partial file
-                return
-            failure = proc.stderr[-2000:] or f"{cxx} exited with {proc.returncode}"
-    raise RuntimeError(f"compiling the operators failed:\n{failure}")
+    commands = [[cxx, standard, "{src}", "-o", "{out}", *flags] for standard in _STANDARDS]
+    failure = native.compile_library(src, "ops.cpp", path, commands)
+    if failure is not None:
+        raise RuntimeError(f"compiling the operators failed:\n{failure}")
 
 
 def _bind(path: Path, entries: bool) -> Ops:
@@ -203,16 +188,13 @@ def _bind(path: Path, entries: bool) -> Ops:
     module = None
     if entries:
         try:  # the same loaded library, imported as the extension module it also is
-            loader = importlib.machinery.ExtensionFileLoader(_MODULE_NAME, str(path))
-            spec = importlib.util.spec_from_file_location(_MODULE_NAME, str(path), loader=loader)
-            module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-            loader.exec_module(module)
+            module = native.import_extension(path, _MODULE_NAME)
         except Exception as exc:  # torch.ops serves
             module, _entries_kind = None, f"torch.ops (importing the entry points failed: {exc})"
     if module is not None:
         _entries_kind = "direct"
         return Ops(*(getattr(module, name) for name in Ops._fields))
-    if entries is False:
+    if not entries:
         _entries_kind = "torch.ops (built without Python's headers)"
     return Ops(*(_callable(getattr(torch.ops.normzoo, name).default) for name in Ops._fields))
 

@@ -949,3 +949,30 @@ def test_batch_merged_forward_reads_adjacent_moments_in_place_and_others_copied(
         torch.testing.assert_close(in_place[0], other[0], rtol=tol, atol=tol)
         torch.testing.assert_close(in_place[1], other[1], rtol=tol, atol=tol)
     assert not torch.equal(in_place[0], native.batch_forward(x, w, b, 1e-5, "standard")[0])  # the moments count
+
+
+def test_supported_layout_is_the_layout_where_the_kernels_take_the_tensor():
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    x = torch.randn(2, 3, 4, 5)
+    assert native.supported_layout(x) == 0 and native.supports(x)
+    assert native.supported_layout(x.contiguous(memory_format=torch.channels_last)) == 1
+    assert native.supported_layout(torch.randn(4, 3)) == 1  # a contiguous (N, C) counts as channels_last
+    for t in (x.half(), x.transpose(2, 3), torch.empty(0, 3, 4, 5), x.int()):
+        assert native.supported_layout(t) is None and not native.supports(t)
+
+
+def test_find_compiler_cache_dir_and_compile_library(tmp_path, monkeypatch):
+    """The build helpers the kernels and the compiled operators share."""
+    assert native.find_compiler(None, "no-such-compiler-here", "sh") == "sh"
+    assert native.find_compiler(None, "no-such-compiler-here") is None
+    monkeypatch.setenv("NORMZOO_CACHE", str(tmp_path / "cache"))
+    assert native.cache_dir() == tmp_path / "cache"
+    lib = tmp_path / "out" / "lib.so"
+    # the first command that succeeds builds it; {src} and {out} are the written source and the library
+    assert native.compile_library("text", "a.c", lib, [["false"], ["cp", "{src}", "{out}"]]) is None
+    assert lib.read_text() == "text"
+    failed = tmp_path / "out" / "none.so"
+    complaint = native.compile_library("x", "a.c", failed, [["sh", "-c", "echo broken >&2; exit 3"]])
+    assert complaint is not None and "broken" in complaint and not failed.exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["lib.so"]  # no temporary left behind

@@ -1,7 +1,8 @@
 // normzoo's fused layers as PyTorch operators with their autograd in C++ (torch.ops.normzoo.*).
 //
-// The same work as the Python autograd ops of normzoo.channel_norm (_GroupFn, _BatchFn) and normzoo.row_norm
-// (_RowNormFn): one call into the C kernels each way, on the kernels' own statistics block. Written here so that
+// The same work as the Python autograd ops of the fused layers (normzoo.channel_norm's _GroupFn and _BatchFn,
+// normzoo.row_norm's _RowNormFn, and the native ops of Switchable and Batch-Instance Norm, FRN and EvoNorm): one call
+// into the C kernels each way, on the kernels' own statistics block. Written here so that
 // a layer's step runs no Python between its forward and its backward: the engine calls a C++ node, not a Python
 // one, and the allocations and argument checks are C++ calls. Built and loaded by normzoo.native_ops, which
 // hands over the kernels' addresses (bind); the Python ops remain where this cannot be built.
@@ -147,11 +148,14 @@ int type_code(at::ScalarType t) {
 
 at::ScalarType arith_of(const Tensor &x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
+// A tensor's data for a kernel, NULL for an absent one (normzoo.native._ptr).
+void *ptr_of(const Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
+
 // A parameter as the kernels read it: itself, or a contiguous copy in the arithmetic type (normzoo.native._typed_param).
 struct Param {
     Tensor t;
     int code = 0;
-    const void *ptr() const { return t.defined() ? t.data_ptr() : nullptr; }
+    const void *ptr() const { return ptr_of(t); }
 };
 
 Param typed(const Tensor &t, int64_t size, at::ScalarType arith) {
@@ -274,8 +278,8 @@ struct AffineGrads {
         if (edges.wants(ctx, bias_dtype_.has_value())) db = grad_buffer(bias_dtype_, size, arith, &bcode);
         if (db.defined()) bias_shape_ = ctx->saved_data["bias_shape"].toIntVector();
     }
-    void *dg_ptr() const { return dg.defined() ? dg.data_ptr() : nullptr; }
-    void *db_ptr() const { return db.defined() ? db.data_ptr() : nullptr; }
+    void *dg_ptr() const { return ptr_of(dg); }
+    void *db_ptr() const { return ptr_of(db); }
     // The gradients of the weight and the bias as their parameters (undefined where not asked for).
     std::pair<Tensor, Tensor> as_params() const {
         return {dg.defined() ? as_param(dg, w_.scalar_type(), w_.sizes()) : Tensor(),
@@ -382,11 +386,10 @@ struct FrnOp : public torch::autograd::Function<FrnOp> {
         const Tensor db = edges.wants(ctx, b.defined()) ? grad_buffer(dtype_of(bt.t), c, a, &bcode) : Tensor();
         const Tensor dt = edges.wants(ctx, t.defined()) ? grad_buffer(dtype_of(tt.t), c, a, &tcode) : Tensor();
         const Tensor dr = edges.wants(ctx, learned) ? at::empty({n, c}, x.options().dtype(at::kDouble)) : Tensor();
-        auto ptr = [](const Tensor &u) -> void * { return u.defined() ? u.data_ptr() : nullptr; };
         const double *p = stats.data_ptr<double>();
         k.group_bwd[s.d](s.dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, s.l(), c, s.lay, g.ptr(), gcode, bt.ptr(),
-                         bcode, tt.ptr(), tcode, 2, p, p + 2 * n * c, ptr(dg), ptr(db), ptr(dt),
-                         dr.defined() ? dr.data_ptr<double>() : nullptr, s.nthreads);
+                         bcode, tt.ptr(), tcode, 2, p, p + 2 * n * c, ptr_of(dg), ptr_of(db), ptr_of(dt),
+                         static_cast<double *>(ptr_of(dr)), s.nthreads);
         Tensor deps;
         if (dr.defined()) {
             deps = (-0.5 * dr * stats[2].pow(3)).sum().reshape(ctx->saved_data["eps_shape"].toIntVector());
@@ -405,7 +408,8 @@ Tensor filter_response_norm(const Tensor &x, const OptionalTensor &weight, const
     return FrnOp::apply(x, weight, bias, tau, eps_t, eps, lay);
 }
 
-// ---- BatchNorm training on the batch's statistics (channel_norm._BatchFn without a merged window) ----
+// ---- BatchNorm training on the batch's statistics (channel_norm._BatchFn; Batch Renorm's and Cross-Iteration
+// BN's variants too) ----
 bool running_in_kernel(const Tensor &mean, const Tensor &var) {  // normzoo.native.running_update_applies
     const Tensor &first = mean.defined() ? mean : var;
     if (!first.defined() || type_code(first.scalar_type()) == 0) return false;
@@ -448,8 +452,7 @@ struct BatchOp : public torch::autograd::Function<BatchOp> {
         const double own = static_cast<double>(n * l);
         k.batch_fwd[d](x.data_ptr(), y.data_ptr(), n, c, l, static_cast<int>(lay), g.ptr(), g.code, bt.ptr(), bt.code,
                        eps, static_cast<int>(mode), p, p + c, p + 2 * c,
-                       in_kernel && rm.defined() ? rm.data_ptr() : nullptr,
-                       in_kernel && rv.defined() ? rv.data_ptr() : nullptr,
+                       in_kernel ? ptr_of(rm) : nullptr, in_kernel ? ptr_of(rv) : nullptr,
                        in_kernel ? type_code((rm.defined() ? rm : rv).scalar_type()) : 0, momentum,
                        extras.renorm ? p + 3 * c : nullptr, extras.r_max, extras.d_max, own + extras.extra_count,
                        window ? extras.extra.data_ptr<double>() : nullptr, window ? p + (rows - 2) * c : nullptr,
@@ -644,8 +647,7 @@ struct MixtureGrads : Backward {
             i++;
         }
     }
-    static void *ptr(const Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
-    void *out(size_t i) const { return ptr(outs[i]); }
+    void *out(size_t i) const { return ptr_of(outs[i]); }
     // dx, then each parameter's gradient in its dtype, then nothing for the other arguments (``count`` in all).
     variable_list result(size_t count) const {
         variable_list r(count);
@@ -673,8 +675,8 @@ struct SwitchOp : public torch::autograd::Function<SwitchOp> {
         Tensor keep = at::empty({5 * n * c + 2 * n + 3 * c + 6}, x.options().dtype(at::kDouble));
         Tensor tmp = at::empty({2 * n * c + 2 * c + 6}, x.options().dtype(at::kDouble));
         k.switch_fwd[d](x.data_ptr(), y.data_ptr(), n, c, l, static_cast<int>(lay), ml.ptr(), ml.code, vl.ptr(),
-                        vl.code, rm.defined() ? rm.data_ptr() : nullptr, rv.defined() ? rv.data_ptr() : nullptr,
-                        run_type, use_batch ? 1 : 0, momentum, g.ptr(), g.code, bt.ptr(), bt.code, eps,
+                        vl.code, ptr_of(rm), ptr_of(rv), run_type, use_batch ? 1 : 0, momentum, g.ptr(), g.code,
+                        bt.ptr(), bt.code, eps,
                         keep.data_ptr<double>(), tmp.data_ptr<double>(), threads_for(numel));
         save_mixture(ctx, x, w, keep, use_batch, lay,
                      {dtype_code(w), dtype_code(b), dtype_code(mean_logits), dtype_code(var_logits)});
@@ -685,7 +687,7 @@ struct SwitchOp : public torch::autograd::Function<SwitchOp> {
         const MixtureGrads m(ctx, grads, {-1, -1, 3, 3});
         const int64_t n = m.n, c = m.c;
         Tensor tmp = at::empty({5 * n * c + 3 * c + 6}, m.x.options().dtype(at::kDouble));
-        k.switch_bwd[m.d](m.dy.data_ptr(), m.x.data_ptr(), m.ptr(m.dx), n, c, m.l(), m.lay,
+        k.switch_bwd[m.d](m.dy.data_ptr(), m.x.data_ptr(), ptr_of(m.dx), n, c, m.l(), m.lay,
                           m.use_batch, m.g.ptr(), m.g.code, m.keep.data_ptr<double>(), tmp.data_ptr<double>(),
                           m.out(0), m.codes[0], m.out(1), m.codes[1], m.out(2), m.codes[2], m.out(3), m.codes[3],
                           m.nthreads);
@@ -718,7 +720,7 @@ struct BinOp : public torch::autograd::Function<BinOp> {
         Tensor keep = at::empty({3 * n * c + 4 * c}, x.options().dtype(at::kDouble));
         Tensor tmp = at::empty({3 * n * c + 3 * c}, x.options().dtype(at::kDouble));
         k.bin_fwd[d](x.data_ptr(), y.data_ptr(), n, c, l, static_cast<int>(lay), r.ptr(), r.code,
-                     rm.defined() ? rm.data_ptr() : nullptr, rv.defined() ? rv.data_ptr() : nullptr, run_type,
+                     ptr_of(rm), ptr_of(rv), run_type,
                      use_batch ? 1 : 0, momentum, g.ptr(), g.code, bt.ptr(), bt.code, eps, keep.data_ptr<double>(),
                      tmp.data_ptr<double>(), threads_for(numel));
         save_mixture(ctx, x, w, keep, use_batch, lay, {dtype_code(w), dtype_code(b), dtype_code(rho)});
@@ -729,7 +731,7 @@ struct BinOp : public torch::autograd::Function<BinOp> {
         const MixtureGrads m(ctx, grads, {-1, -1, -1});
         const int64_t n = m.n, c = m.c;
         Tensor tmp = at::empty({5 * n * c + 4 * c}, m.x.options().dtype(at::kDouble));
-        k.bin_bwd[m.d](m.dy.data_ptr(), m.x.data_ptr(), m.ptr(m.dx), n, c, m.l(), m.lay, m.use_batch,
+        k.bin_bwd[m.d](m.dy.data_ptr(), m.x.data_ptr(), ptr_of(m.dx), n, c, m.l(), m.lay, m.use_batch,
                        m.g.ptr(), m.g.code, m.keep.data_ptr<double>(), tmp.data_ptr<double>(), m.out(0), m.codes[0],
                        m.out(1), m.codes[1], m.out(2), m.codes[2], m.nthreads);
         return first_order_only(m.result(11), grads);
@@ -827,7 +829,6 @@ struct EvoGrads {
         if (edges.wants(ctx, has_b)) db = block[1];
         if (edges.wants(ctx, has_v)) dv = block[2];
     }
-    static void *ptr(const Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
 };
 
 struct S0Op : public torch::autograd::Function<S0Op> {
@@ -860,8 +861,8 @@ struct S0Op : public torch::autograd::Function<S0Op> {
         const EvoGrads g(ctx, s.c, ps.dtype, dtypes[0] >= 0, dtypes[1] >= 0, dtypes[2] >= 0);
         const double *p = stats.data_ptr<double>();
         k.s0_bwd[s.d](s.dy.data_ptr(), s.x.data_ptr(), dx.data_ptr(), s.n, s.c, s.l(), groups, s.lay, ps.p[0].ptr(),
-                      ps.p[1].ptr(), ps.code(), p, p + s.n * groups, EvoGrads::ptr(g.dg), EvoGrads::ptr(g.db),
-                      EvoGrads::ptr(g.dv), s.nthreads);
+                      ps.p[1].ptr(), ps.code(), p, p + s.n * groups, ptr_of(g.dg), ptr_of(g.db),
+                      ptr_of(g.dv), s.nthreads);
         return first_order_only({ctx->needs_input_grad(0) ? dx : Tensor(), grad_in(g.dg, dtypes[0]),
                                  grad_in(g.db, dtypes[1]), grad_in(g.dv, dtypes[2]), Tensor(), Tensor(),
                                  Tensor()},
@@ -889,7 +890,7 @@ struct B0Op : public torch::autograd::Function<B0Op> {
         Tensor y = at::empty_like(x);
         Tensor buf = at::empty({2 * n * c + 3 * c}, x.options().dtype(at::kDouble));
         k.b0_fwd[d](x.data_ptr(), y.data_ptr(), n, c, numel / (n * c), static_cast<int>(lay), ps.p[0].ptr(),
-                    ps.p[1].ptr(), ps.p[2].ptr(), ps.code(), eps, fv.defined() ? fv.data_ptr<double>() : nullptr,
+                    ps.p[1].ptr(), ps.p[2].ptr(), ps.code(), eps, static_cast<const double *>(ptr_of(fv)),
                     buf.data_ptr<double>(), threads_for(numel));
         ctx->mark_non_differentiable({buf});
         ctx->set_materialize_grads(false);
@@ -910,7 +911,7 @@ struct B0Op : public torch::autograd::Function<B0Op> {
         const EvoGrads g(ctx, s.c, ps.dtype, dtypes[0] >= 0, dtypes[1] >= 0, dtypes[2] >= 0);
         k.b0_bwd[s.d](s.dy.data_ptr(), s.x.data_ptr(), dx.data_ptr(), s.n, s.c, s.l(), s.lay, ps.p[0].ptr(),
                       ps.p[1].ptr(), ps.code(), buf.data_ptr<double>(), ctx->saved_data["use_batch"].toBool() ? 1 : 0,
-                      EvoGrads::ptr(g.dg), EvoGrads::ptr(g.db), EvoGrads::ptr(g.dv), s.nthreads);
+                      ptr_of(g.dg), ptr_of(g.db), ptr_of(g.dv), s.nthreads);
         return first_order_only({ctx->needs_input_grad(0) ? dx : Tensor(), grad_in(g.dg, dtypes[0]),
                                  grad_in(g.db, dtypes[1]), grad_in(g.dv, dtypes[2]), Tensor(), Tensor(),
                                  Tensor()},

@@ -423,10 +423,16 @@ class _CrossIterationBatchNorm(NormBase):
         y, merged = channel_norm(x, weight, bias, Policy("batch"), self.eps, extra=extra, running=running, own=own)
         cur = own[0]  # the batch's own moments, (1, C)
         old = self._record(step % (k - 1), cur, captured, keep_old=use_window) if record else None
-        if use_window:  # what last_window is built from, on access: the slot this step overwrote is in old
-            compensated = mean_p is not self._buffers["window_mean"]  # else the buffers, changed since
-            self.__dict__["_window_parts"] = (step, cur, (mean_p, var_p) if compensated else None, merged, old)
+        if use_window:
+            self._keep_window_parts(step, cur, mean_p, var_p, merged, old)
         return y
+
+    def _keep_window_parts(self, step: int, cur: Moments, mean_p: Tensor, var_p: Tensor, merged: Moments,
+                           old: Tensor) -> None:
+        """Keep what :attr:`last_window` is built from, on access (the slot this step overwrote is in ``old``; the
+        past moments as used, where compensated, else the buffers, changed since)."""
+        compensated = mean_p is not self._buffers["window_mean"]
+        self.__dict__["_window_parts"] = (step, cur, (mean_p, var_p) if compensated else None, merged, old)
 
     def _step_compiled(self, compiled: native_ops.Ops, x: Tensor, lay: int, weight: Optional[Tensor],
                        bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -451,9 +457,7 @@ class _CrossIterationBatchNorm(NormBase):
         if captured is not None:
             self._record_compensation(slot, cur.mean.reshape(-1), captured)
         if use_window:
-            compensated = mean_p is not mean_buf
-            merged = Moments(total, rows[0], rows[1])
-            self.__dict__["_window_parts"] = (step, cur, (mean_p, var_p) if compensated else None, merged, old)
+            self._keep_window_parts(step, cur, mean_p, var_p, Moments(total, rows[0], rows[1]), old)
         return y
 
     def _window_moments(self, mean_p: Tensor, var_p: Tensor) -> Moments:
