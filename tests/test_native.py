@@ -119,8 +119,10 @@ def _fwd_bwd(fn, x, w, b, g):
 @pytest.mark.parametrize("channels_last", [False, True])
 # channels_last: C = 8 is folded into rows of 64 values (small samples, with a tail of positions) or 256 (without),
 # C = 4 into rows of 256 with a tail; C = 60 and 48 are not folded: 60 is column tiles of 32, 16, 8 and 4 channels;
-# rows of 48 are whole lines in float32 and float64, so they are streamed with the columns after their last chunk
-@pytest.mark.parametrize("shape", [(3, 8, 5, 7), (16, 8, 32, 33), (2, 4, 32, 33), (2, 60, 5, 6), (2, 48, 4, 5)])
+# rows of 48 are whole lines in float32 and float64, so they are streamed with the columns after their last chunk;
+# C = 36 is folded into rows of 288 values (8 positions), with 7 positions left over
+@pytest.mark.parametrize("shape", [(3, 8, 5, 7), (16, 8, 32, 33), (2, 4, 32, 33), (2, 60, 5, 6), (2, 48, 4, 5),
+                                   (2, 36, 23, 25)])
 def test_native_equals_fallback(name, dtype, channels_last, shape, fallback, streaming):
     x, w, b, g = _inputs(shape, dtype, channels_last, seed=0)
     ours = _fwd_bwd(LAYERS[name], x, w, b, g)
@@ -542,8 +544,9 @@ def _batch_instance(x, w, b, rm, rv, training, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 # (1, 6, 32, 33): one sample, whose channels_last per-(n, c) moments and sums go in pieces over the threads;
-# (2, 16, 8, 9): contiguous Batch-Instance Norm a channel at a time on two threads (on one: (5, 6, 7, 3))
-@pytest.mark.parametrize("shape", [(5, 6, 7, 3), (1, 6, 32, 33), (2, 16, 8, 9)])
+# (2, 16, 8, 9): contiguous Batch-Instance Norm a channel at a time on two threads (on one: (5, 6, 7, 3));
+# (2, 36, 23, 25): channels_last rows of 36 channels folded to 288 values
+@pytest.mark.parametrize("shape", [(5, 6, 7, 3), (1, 6, 32, 33), (2, 16, 8, 9), (2, 36, 23, 25)])
 def test_mixture_norms_native_algebra_equals_fallback(method, training, dtype, channels_last, shape, fallback):
     """Switchable Norm's and Batch-Instance Norm's O(N C) algebra in C equals the PyTorch-operations path:
     output, the gradients of the input, the affine parameters and the mixing parameters (logits, gate), and
@@ -559,7 +562,7 @@ def test_mixture_norms_native_algebra_equals_fallback(method, training, dtype, c
     if dtype == torch.bfloat16:  # a model moved to bfloat16 has bfloat16 buffers
         start = tuple(t.to(dtype) for t in start)
 
-    def run():
+    def run(x, g):
         leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
         rm, rv = start[0].clone(), start[1].clone()
         y, extra = method(*leaves, rm, rv, training, torch.Generator().manual_seed(9))
@@ -567,7 +570,10 @@ def test_mixture_norms_native_algebra_equals_fallback(method, training, dtype, c
         return [y.detach()] + [t.grad for t in leaves + extra] + [rm, rv]
 
     tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
-    for i, (a, r) in enumerate(zip(run(), fallback(run))):
+    # bfloat16: against the fallback in float64 on the same values; its own bfloat16 intermediates are the less
+    # exact (the gate's gradient at (2, 36, 15, 19) off by 0.3, the kernels' by 2e-5)
+    ref = fallback(run, x.double(), g.double()) if dtype == torch.bfloat16 else fallback(run, x, g)
+    for i, (a, r) in enumerate(zip(run(x, g), ref)):
         t = tol if i < 2 else max(tol, 1e-5)  # the parameters and buffers are float32
         torch.testing.assert_close(a.float(), r.float(), rtol=t, atol=t)
 
