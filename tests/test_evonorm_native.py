@@ -77,7 +77,8 @@ def _check_against_formula(call, x, params, dy, formula, what=""):
     return got
 
 
-SHAPES = [(3, 8, 5, 7), (4, 8, 6), (2, 8, 3, 4, 5), (5, 8)]
+# (2, 40, 5, 7): channels_last rows of 40 channels folded to 80 values (nz_evo_width), the last row shorter
+SHAPES = [(3, 8, 5, 7), (4, 8, 6), (2, 8, 3, 4, 5), (5, 8), (2, 40, 5, 7)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
