@@ -445,13 +445,9 @@ def test_entry_points_take_and_refuse_what_ctypes_does():
     assert isinstance(total, float) and total == 10.0  # a double result comes back as a float
 
 
-def test_layers_run_through_ctypes_without_the_entry_points():
+def test_layers_run_through_ctypes_without_the_entry_points(run_snippet):
     """NORMZOO_ENTRY_POINTS=0 (as where Python's C headers are missing): the kernels are built without the entry
     points and called through ctypes, with the same results."""
-    import os
-    import subprocess
-    import sys
-
     if native.library() is None:
         pytest.skip(f"native kernels unavailable: {native.status()}")
     code = (
@@ -464,12 +460,7 @@ def test_layers_run_through_ctypes_without_the_entry_points():
         "print(native.entry_points(), type(native._fn('batch_forward', torch.float32)).__name__)\n"
         "print(repr(float(y.square().sum())), repr(float(x.grad.abs().sum())))\n"
     )
-    runs = {}
-    for flag in ("0", "1"):
-        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NORMZOO_ENTRY_POINTS": flag},
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        runs[flag] = out.stdout.splitlines()
+    runs = {flag: run_snippet(code, {"NORMZOO_ENTRY_POINTS": flag}) for flag in ("0", "1")}
     assert runs["0"][0] == "ctypes (disabled by NORMZOO_ENTRY_POINTS=0) _FuncPtr"
     assert runs["0"][1] == runs["1"][1]
 

@@ -2,8 +2,6 @@
 same results, gradients, running statistics and refusals as the Python autograd ops they stand in for."""
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -210,7 +208,7 @@ def test_without_a_cxx_compiler_the_python_ops_run_and_say_why(monkeypatch, caps
     assert x.grad is not None
 
 
-def test_normzoo_ops_0_keeps_the_python_ops_with_the_same_results():
+def test_normzoo_ops_0_keeps_the_python_ops_with_the_same_results(run_snippet):
     if not _compiled_available():
         pytest.skip(f"compiled operators unavailable: {native_ops.status()}")
     code = (
@@ -224,12 +222,7 @@ def test_normzoo_ops_0_keeps_the_python_ops_with_the_same_results():
         "    print(name, repr(float(y.square().sum())), repr(float(x.grad.abs().sum())), y.grad_fn.name())\n"
         "print(native_ops.status())\n"
     )
-    runs = {}
-    for flag in ("0", "1"):
-        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NORMZOO_OPS": flag},
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        runs[flag] = out.stdout.splitlines()
+    runs = {flag: run_snippet(code, {"NORMZOO_OPS": flag}) for flag in ("0", "1")}
     assert runs["0"][-1].startswith("python (switched off") and runs["1"][-1] == "compiled"
     for off, on in zip(runs["0"][:-1], runs["1"][:-1]):
         assert off.split()[:3] == on.split()[:3]
@@ -366,7 +359,7 @@ def test_direct_entries_where_python_headers_exist_and_the_same_as_torch_ops():
         ops.group_norm(x, w, b, "3", 1e-5, 0, 0)
 
 
-def test_without_python_headers_the_operators_are_called_through_torch_ops():
+def test_without_python_headers_the_operators_are_called_through_torch_ops(run_snippet):
     """Built without Python's headers (as where they are not installed), the library has no entry points of its
     own: the layers call the registered torch.ops operators, with the same results."""
     if not _compiled_available():
@@ -382,10 +375,6 @@ def test_without_python_headers_the_operators_are_called_through_torch_ops():
         "print(native_ops.entries())\n"
         "print(repr(float(y.square().sum())), repr(float(x.grad.abs().sum())))\n"
     )
-    runs = [subprocess.run([sys.executable, "-c", code.format(no_headers=flag)], capture_output=True, text=True,
-                           timeout=300) for flag in (True, False)]
-    for run in runs:
-        assert run.returncode == 0, run.stderr
-    without, with_ = (run.stdout.splitlines() for run in runs)
+    without, with_ = (run_snippet(code.format(no_headers=flag)) for flag in (True, False))
     assert without[0] == "torch.ops (built without Python's headers)"
     assert without[1] == with_[1]
