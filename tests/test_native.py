@@ -120,9 +120,11 @@ def _fwd_bwd(fn, x, w, b, g):
 # channels_last: C = 8 is folded into rows of 64 values (small samples, with a tail of positions) or 256 (without),
 # C = 4 into rows of 256 with a tail; C = 60 and 48 are not folded: 60 is column tiles of 32, 16, 8 and 4 channels;
 # rows of 48 are whole lines in float32 and float64, so they are streamed with the columns after their last chunk;
-# C = 36 is folded into rows of 288 values (8 positions), with 7 positions left over
+# C = 36 is folded into rows of 288 values (8 positions), with 7 positions left over; (11, 704, 5, 5): short rows,
+# 88 channels a task (2 threads, 8 tasks) in BatchNorm blocks of 82 and 6, their maps 64 rows at a time;
+# InstanceNorm's batches of 64 rows across samples; channels_last C > 256 unfolded
 @pytest.mark.parametrize("shape", [(3, 8, 5, 7), (16, 8, 32, 33), (2, 4, 32, 33), (2, 60, 5, 6), (2, 48, 4, 5),
-                                   (2, 36, 23, 25)])
+                                   (2, 36, 23, 25), (11, 704, 5, 5)])
 def test_native_equals_fallback(name, dtype, channels_last, shape, fallback, streaming):
     x, w, b, g = _inputs(shape, dtype, channels_last, seed=0)
     ours = _fwd_bwd(LAYERS[name], x, w, b, g)
@@ -536,8 +538,10 @@ def _batch_instance(x, w, b, rm, rv, training, gen):
 @pytest.mark.parametrize("channels_last", [False, True])
 # (1, 6, 32, 33): one sample, whose channels_last per-(n, c) moments and sums go in pieces over the threads;
 # (2, 16, 8, 9): contiguous Batch-Instance Norm a channel at a time on two threads (on one: (5, 6, 7, 3));
-# (2, 36, 23, 25): channels_last rows of 36 channels folded to 288 values
-@pytest.mark.parametrize("shape", [(5, 6, 7, 3), (1, 6, 32, 33), (2, 16, 8, 9), (2, 36, 23, 25)])
+# (2, 36, 23, 25): channels_last rows of 36 channels folded to 288 values; (11, 704, 5, 5): more than 8 samples
+# (Switchable Norm merges 8 at a time), Batch-Instance Norm's blocks of 82 and 6 channels a task, their maps 64
+# rows at a time
+@pytest.mark.parametrize("shape", [(5, 6, 7, 3), (1, 6, 32, 33), (2, 16, 8, 9), (2, 36, 23, 25), (11, 704, 5, 5)])
 def test_mixture_norms_native_algebra_equals_fallback(method, training, dtype, channels_last, shape, fallback):
     """Switchable Norm's and Batch-Instance Norm's O(N C) algebra in C equals the PyTorch-operations path:
     output, the gradients of the input, the affine parameters and the mixing parameters (logits, gate), and
