@@ -233,6 +233,20 @@ def test_bfloat16_chunk_stores_round_ties_to_even_like_torch(length):
     assert torch.equal(y[finite].view(torch.int16), want[finite].view(torch.int16))
 
 
+@pytest.mark.parametrize("length", [64, 77])
+def test_bfloat16_stores_keep_subnormal_results_like_torch(length):
+    """Results below float's smallest normal number round to bfloat16's subnormals as torch rounds them, in
+    chunks that also hold normal values (AVX-512-BF16's conversion would flush them to zero)."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 3, length, generator=gen) * 2.0 ** -118).to(torch.bfloat16)
+    x[:, :, ::7] = 1.5  # normal results beside the subnormal ones
+    a = torch.full((2, 3), 2.0 ** -9, dtype=torch.float64)
+    y = native.affine(x, a, torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64))
+    want = (x.float() * 2.0 ** -9).to(torch.bfloat16)
+    assert (want.float().abs() < torch.finfo(torch.float32).tiny).sum() > 50  # subnormal results are there
+    assert torch.equal(y.view(torch.int16), want.view(torch.int16))
+
+
 def _bn_in_child(x, want, queue) -> None:
     # only normzoo's kernels and NumPy run here: torch's own OpenMP pool hangs in a forked child
     torch.set_num_threads(2)
