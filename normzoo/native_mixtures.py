@@ -66,11 +66,11 @@ def switch_forward(x: Tensor, mean_logits: Tensor, var_logits: Tensor, running_m
     from them (BN: from the running statistics when not ``use_batch``), mixed with ``softmax`` of the ``(3,)``
     logits (order IN, LN, BN), and the affine map. With ``use_batch`` and running buffers
     (:func:`normzoo.native.running_update_applies`) those are updated in place with the batch's statistics.
-    Returns ``y`` and the float64 block the backward needs (``5 N C + 2 N + 3 C + 6`` values)."""
+    Returns ``y`` and the float64 block the backward needs (``2 N C + 2 N + 3 C + 7`` values)."""
     n, c, l, lay = _dims(x)
     y = torch.empty_like(x)
-    keep = torch.empty(5 * n * c + 2 * n + 3 * c + 6, dtype=torch.float64)
-    tmp = torch.empty(2 * n * c + 2 * c + 6, dtype=torch.float64)
+    keep = torch.empty(2 * n * c + 2 * n + 3 * c + 7, dtype=torch.float64)
+    tmp = torch.empty(2 * c + 6, dtype=torch.float64)
     (ml, mlt), (vl, vlt) = _typed(mean_logits.detach(), 3), _typed(var_logits.detach(), 3)
     (g, gt), (b, bt) = _typed(weight, c), _typed(bias, c)
     _fn("switch_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, lay, ml.data_ptr(), mlt, vl.data_ptr(), vlt,
@@ -88,7 +88,7 @@ def switch_backward(dy: Tensor, x: Tensor, keep: Tensor, use_batch: bool, weight
     n, c, l, lay = _dims(x)
     dy = native._like(x, dy)
     dx = torch.empty_like(x) if wanted[0] else None
-    tmp = torch.empty(5 * n * c + 3 * c + 6, dtype=torch.float64)
+    tmp = torch.empty(4 * n * c + 8 * n + 5 * c + 6, dtype=torch.float64)
     g, gt = _typed(weight, c)
     outs = [_grad_buffer(dt, size, want) for dt, size, want in zip(param_dtypes, (c, c, 3, 3), wanted[1:])]
     _fn("switch_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, l, lay, int(use_batch), _ptr(g), gt,

@@ -672,8 +672,8 @@ struct SwitchOp : public torch::autograd::Function<SwitchOp> {
         const Param g = typed(w, c, at::kDouble), bt = typed(b, c, at::kDouble);
         const int run_type = running_code(rm, rv);
         Tensor y = at::empty_like(x);
-        Tensor keep = at::empty({5 * n * c + 2 * n + 3 * c + 6}, x.options().dtype(at::kDouble));
-        Tensor tmp = at::empty({2 * n * c + 2 * c + 6}, x.options().dtype(at::kDouble));
+        Tensor keep = at::empty({2 * n * c + 2 * n + 3 * c + 7}, x.options().dtype(at::kDouble));
+        Tensor tmp = at::empty({2 * c + 6}, x.options().dtype(at::kDouble));
         k.switch_fwd[d](x.data_ptr(), y.data_ptr(), n, c, l, static_cast<int>(lay), ml.ptr(), ml.code, vl.ptr(),
                         vl.code, ptr_of(rm), ptr_of(rv), run_type, use_batch ? 1 : 0, momentum, g.ptr(), g.code,
                         bt.ptr(), bt.code, eps,
@@ -686,7 +686,7 @@ struct SwitchOp : public torch::autograd::Function<SwitchOp> {
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
         const MixtureGrads m(ctx, grads, {-1, -1, 3, 3});
         const int64_t n = m.n, c = m.c;
-        Tensor tmp = at::empty({5 * n * c + 3 * c + 6}, m.x.options().dtype(at::kDouble));
+        Tensor tmp = at::empty({4 * n * c + 8 * n + 5 * c + 6}, m.x.options().dtype(at::kDouble));
         k.switch_bwd[m.d](m.dy.data_ptr(), m.x.data_ptr(), ptr_of(m.dx), n, c, m.l(), m.lay,
                           m.use_batch, m.g.ptr(), m.g.code, m.keep.data_ptr<double>(), tmp.data_ptr<double>(),
                           m.out(0), m.codes[0], m.out(1), m.codes[1], m.out(2), m.codes[2], m.out(3), m.codes[3],
