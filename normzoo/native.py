@@ -520,11 +520,12 @@ def _enabled() -> bool:
 def layout(x: Tensor) -> Optional[int]:
     """0 for (N, C, *S) contiguous, 1 for channels_last (N, *S, C) contiguous, None for anything else.
 
-    A contiguous ``(N, C)`` tensor counts as channels_last (``S`` empty): its kernels then run along C,
-    vectorized, instead of over N * C rows of one element.
+    A contiguous ``(N, C)`` tensor counts as channels_last (``S`` empty), and so does a contiguous ``(N, C, 1, ...)``
+    (one position: the same memory): its kernels then run along C, vectorized, instead of over N * C rows of one
+    element (a 4096x512x1 BatchNorm1d ran 12x slower than torch's).
     """
     if x.is_contiguous():
-        return 1 if x.dim() == 2 else 0
+        return 1 if x.dim() == 2 or x.numel() == x.shape[0] * x.shape[1] else 0
     fmt = _CHANNELS_LAST.get(x.dim())
     if fmt is not None:  # torch's own flag, kept with the tensor: no view made per call (~4 us each)
         return 1 if x.is_contiguous(memory_format=fmt) else None

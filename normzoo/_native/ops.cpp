@@ -180,9 +180,10 @@ Tensor as_param(Tensor grad, at::ScalarType dtype, at::IntArrayRef shape) {
     return grad.sizes() == shape ? grad : grad.view(shape);
 }
 
-// normzoo.native.layout: 0 contiguous (N, C, *S), 1 channels_last (a contiguous (N, C) counts as 1), -1 neither.
+// normzoo.native.layout: 0 contiguous (N, C, *S), 1 channels_last (a contiguous (N, C), or (N, C, 1, ...), counts
+// as 1), -1 neither.
 int layout_of(const Tensor &t) {
-    if (t.is_contiguous()) return t.dim() == 2 ? 1 : 0;
+    if (t.is_contiguous()) return t.dim() == 2 || t.numel() == t.size(0) * t.size(1) ? 1 : 0;
     if (t.dim() == 4) return t.is_contiguous(at::MemoryFormat::ChannelsLast) ? 1 : -1;
     if (t.dim() == 5) return t.is_contiguous(at::MemoryFormat::ChannelsLast3d) ? 1 : -1;
     if (t.dim() < 3) return -1;
