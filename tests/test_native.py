@@ -122,9 +122,10 @@ def _fwd_bwd(fn, x, w, b, g):
 # rows of 48 are whole lines in float32 and float64, so they are streamed with the columns after their last chunk;
 # C = 36 is folded into rows of 288 values (8 positions), with 7 positions left over; (11, 704, 5, 5): short rows,
 # 88 channels a task (2 threads, 8 tasks) in BatchNorm blocks of 82 and 6, their maps 64 rows at a time;
-# InstanceNorm's batches of 64 rows across samples; channels_last C > 256 unfolded
+# InstanceNorm's batches of 64 rows across samples; channels_last C > 256 unfolded; (40, 12, 3, 3): contiguous
+# BatchNorm's short rows as one row of C L columns a sample
 @pytest.mark.parametrize("shape", [(3, 8, 5, 7), (16, 8, 32, 33), (2, 4, 32, 33), (2, 60, 5, 6), (2, 48, 4, 5),
-                                   (2, 36, 23, 25), (11, 704, 5, 5)])
+                                   (2, 36, 23, 25), (11, 704, 5, 5), (40, 12, 3, 3)])
 def test_native_equals_fallback(name, dtype, channels_last, shape, fallback, streaming):
     x, w, b, g = _inputs(shape, dtype, channels_last, seed=0)
     ours = _fwd_bwd(LAYERS[name], x, w, b, g)
