@@ -573,8 +573,9 @@ def _batch_instance(x, w, b, rm, rv, training, gen):
 # (2, 16, 8, 9): contiguous Batch-Instance Norm a channel at a time on two threads (on one: (5, 6, 7, 3));
 # (2, 36, 23, 25): channels_last rows of 36 channels folded to 288 values; (11, 704, 5, 5): more than 8 samples
 # (Switchable Norm merges 8 at a time), Batch-Instance Norm's blocks of 82 and 6 channels a task, their maps 64
-# rows at a time
-@pytest.mark.parametrize("shape", [(5, 6, 7, 3), (1, 6, 32, 33), (2, 16, 8, 9), (2, 36, 23, 25), (11, 704, 5, 5)])
+# rows at a time; (40, 12, 3, 3): contiguous short rows, Batch-Instance Norm's whole-tensor passes
+@pytest.mark.parametrize("shape", [(5, 6, 7, 3), (1, 6, 32, 33), (2, 16, 8, 9), (2, 36, 23, 25), (11, 704, 5, 5),
+                                   (40, 12, 3, 3)])
 def test_mixture_norms_native_algebra_equals_fallback(method, training, dtype, channels_last, shape, fallback):
     """Switchable Norm's and Batch-Instance Norm's O(N C) algebra in C equals the PyTorch-operations path:
     output, the gradients of the input, the affine parameters and the mixing parameters (logits, gate), and
