@@ -525,7 +525,7 @@ def layout(x: Tensor) -> Optional[int]:
     element (a 4096x512x1 BatchNorm1d ran 12x slower than torch's).
     """
     if x.is_contiguous():
-        return 1 if x.dim() == 2 or x.numel() == x.shape[0] * x.shape[1] else 0
+        return 1 if x.dim() == 2 or (x.dim() > 2 and x.numel() == x.shape[0] * x.shape[1]) else 0
     fmt = _CHANNELS_LAST.get(x.dim())
     if fmt is not None:  # torch's own flag, kept with the tensor: no view made per call (~4 us each)
         return 1 if x.is_contiguous(memory_format=fmt) else None

@@ -183,7 +183,7 @@ Tensor as_param(Tensor grad, at::ScalarType dtype, at::IntArrayRef shape) {
 // normzoo.native.layout: 0 contiguous (N, C, *S), 1 channels_last (a contiguous (N, C), or (N, C, 1, ...), counts
 // as 1), -1 neither.
 int layout_of(const Tensor &t) {
-    if (t.is_contiguous()) return t.dim() == 2 || t.numel() == t.size(0) * t.size(1) ? 1 : 0;
+    if (t.is_contiguous()) return t.dim() == 2 || (t.dim() > 2 && t.numel() == t.size(0) * t.size(1)) ? 1 : 0;
     if (t.dim() == 4) return t.is_contiguous(at::MemoryFormat::ChannelsLast) ? 1 : -1;
     if (t.dim() == 5) return t.is_contiguous(at::MemoryFormat::ChannelsLast3d) ? 1 : -1;
     if (t.dim() < 3) return -1;
