@@ -178,6 +178,51 @@ class _BatchFn(torch.autograd.Function):
         return (*fused_backward(ctx, kernel), None, None, None, None, None, None)
 
 
+class _FixedBatchFn(torch.autograd.Function):
+    """BatchNorm with fixed statistics (eval mode) in the native kernels, :func:`normzoo.native.batch_fixed_forward`
+    and ``batch_backward(fixed=True)``: one pass each way, ``dx = gamma rstd dy``. The layer is affine in ``x`` with
+    constant statistics, so unlike the training ops it is differentiable again: under ``create_graph`` the backward
+    is taken with tensor operations. ``mode``: ``"standard"`` or ``"mean"``; ``lay`` as in :class:`_GroupFn`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+                var: Optional[Tensor], eps: float, mode: str, lay: int) -> Tensor:
+        y, stats = native.batch_fixed_forward(x, weight, bias, mean, var, eps, mode, lay=lay)
+        ctx.mode, ctx.lay, ctx.bias_dtype = mode, lay, None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, stats)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            dx, dweight, dbias = _fixed_grads_differentiable(ctx, dy)
+        else:
+            def kernel(x: Tensor, weight: Optional[Tensor], stats: Tensor, dgamma: bool, dbeta: bool) -> Tuple:
+                return native.batch_backward(dy, x, weight, stats, ctx.mode, dgamma, dbeta, bias_dtype=ctx.bias_dtype,
+                                             lay=ctx.lay, fixed=True)
+
+            dx, dweight, dbias = fused_backward(ctx, kernel)
+        return dx, dweight, dbias, None, None, None, None, None
+
+
+def _fixed_grads_differentiable(ctx: Any, dy: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """:class:`_FixedBatchFn`'s gradients from tensor operations in ``x``'s arithmetic type (float64 for float64,
+    else float32), recorded by autograd: ``dx = gamma rstd dy``, ``dgamma = sum dy (x - mean) rstd``, ``dbeta = sum
+    dy``."""
+    x, weight, stats = ctx.saved_tensors
+    _, want_w, want_b, *_ = ctx.needs_input_grad
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    shape, dims = (1, -1) + (1,) * (x.dim() - 2), [0] + list(range(2, x.dim()))
+    rstd, g = stats[1].to(acc).view(shape), dy.to(acc)
+    dx = (g * rstd if weight is None else g * (weight.to(acc).view(shape) * rstd)).to(x.dtype)
+    dweight = dbias = None
+    if want_w and weight is not None:
+        dweight = (g * (x.to(acc) - stats[0].to(acc).view(shape)) * rstd).sum(dims)
+    if want_b and ctx.bias_dtype is not None:
+        dbias = g.sum(dims)
+    return dx, grad_as(dweight, weight), grad_as(dbias, ctx.bias_dtype)
+
+
 class _ChannelNormFn(torch.autograd.Function):
     """The general autograd op behind :func:`channel_norm` (what the fused native ops, :class:`_BatchFn` and
     :class:`_GroupFn`, do not take: prepared moments, a per-group merged count, RMS over the batch, 2-D input
@@ -242,7 +287,7 @@ class _ChannelNormFn(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None, None, None, None
 
 
-_group_apply, _batch_apply = lean_apply(_GroupFn), lean_apply(_BatchFn)
+_group_apply, _batch_apply, _fixed_apply = lean_apply(_GroupFn), lean_apply(_BatchFn), lean_apply(_FixedBatchFn)
 
 
 def _running_args(running: Optional[Running]) -> Tuple[Optional[Tensor], Optional[Tensor], float]:
@@ -421,14 +466,25 @@ def native_batch_or_running(name: str, x: Tensor, running_mean: Optional[Tensor]
     return use_batch
 
 
-def fixed_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+def fixed_affine(x: Tensor, mean: Tensor, var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                  eps: float, mean_only: bool = False) -> Tensor:
     """Normalize with given (running) per-channel statistics: ``y = gamma (x - mean) / sqrt(var + eps) + beta``.
 
-    One pass, differentiable in ``x``, ``weight`` and ``bias`` through plain autograd (the statistics are
-    constants here, as in eval mode).
+    Differentiable in ``x``, ``weight`` and ``bias``, twice too (the statistics are constants here, as in eval
+    mode). Where the native kernels take ``x``, the compiled op ``normzoo::batch_norm_fixed`` (or
+    :class:`_FixedBatchFn`): ``rstd`` in double, one pass each way, ``dx = gamma rstd dy``. Otherwise, and for
+    statistics that require grad, tensor operations in float32 (float64 for float64 input or statistics).
     """
-    acc = mean.dtype if mean.dtype == torch.float64 else torch.float32
+    lay = native.supported_layout(x)
+    stats_grad = torch.is_grad_enabled() and (mean.requires_grad or (var is not None and var.requires_grad))
+    if lay is not None and not stats_grad:
+        native.wake_workers(x)
+        var = None if mean_only else var
+        compiled = native_ops.ops()
+        if compiled is not None:  # the same op with its autograd in C++
+            return compiled.batch_norm_fixed(x, weight, bias, mean, var, eps, int(mean_only), lay)
+        return _fixed_apply(x, weight, bias, mean, var, eps, "mean" if mean_only else "standard", lay)
+    acc = torch.float64 if torch.float64 in (mean.dtype, x.dtype) else torch.float32
     rstd = torch.ones_like(mean, dtype=acc) if mean_only else torch.rsqrt(var.to(acc) + eps)
     a = rstd if weight is None else rstd * weight.to(acc)
     b = -a * mean.to(acc)

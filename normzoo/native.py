@@ -282,7 +282,8 @@ _CORE_SIGNATURES: Dict[str, Any] = {
                                 _P, _I],
     "nz_batch_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I, _P, _I, _P, _I, _D, _I, _P, _P, _P, _P, _P, _I, _D, _P, _D,
                                _D, _D, _P, _P, _I],
-    "nz_batch_backward_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I, _P, _I, _P, _P, _I, _D, _P, _P, _P, _I, _I],
+    "nz_batch_backward_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I, _P, _I, _P, _P, _I, _D, _P, _P, _P, _I, _I, _I],
+    "nz_batch_fixed_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I, _P, _I, _P, _I, _P, _I, _P, _I, _D, _I, _P, _I],
     "nz_set_stream_min": ([_I64], _I64),
     "nz_use_openmp": ([_P], _I),
     "nz_pool_wake": [],
@@ -837,6 +838,28 @@ def batch_renorm_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
                           limits=(r_max, d_max))
 
 
+def batch_fixed_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+                        var: Optional[Tensor], eps: float, mode: str, lay: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """BatchNorm of ``x`` with fixed statistics (eval mode: the running ones), ``y = gamma (x - mean) rstd + beta``,
+    ``rstd = (var + eps)^-1/2`` (``mode="mean"``: 1, and ``var`` may be None). ``mean`` and ``var``: ``(C,)``, read in
+    double (a dtype other than float32, float64 or bfloat16, or a non-contiguous buffer, as a float64 copy). Returns
+    ``y`` and a float64 ``(2, C)`` block of ``mean`` and ``rstd``; backward: :func:`batch_backward` with
+    ``fixed=True``. ``lay`` as in :func:`group_forward`."""
+    shape, numel, dtype = x.shape, x.numel(), x.dtype
+    n, c = shape[0], shape[1]
+    y = torch.empty_like(x)
+    stats = torch.empty(2, c, dtype=torch.float64)
+    a = _ARITH[dtype]
+    (g, gt), (b, bt) = _typed_param(weight, c, a), _typed_param(bias, c, a)
+    (m, mt), (v, vt) = _typed_param(mean, c, torch.float64), _typed_param(var, c, torch.float64)
+    if mode != "mean" and v is None:
+        raise ValueError("batch_fixed_forward: needs var unless mode='mean'")
+    _fn("batch_fixed_forward", dtype)(x.data_ptr(), y.data_ptr(), n, c, numel // (n * c),
+                                      layout(x) if lay is None else lay, _ptr(g), gt, _ptr(b), bt, _ptr(m), mt,
+                                      _ptr(v), vt, float(eps), _MODES[mode], stats.data_ptr(), _threads(numel))
+    return y, stats
+
+
 def batch_merged_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mode: str,
                          extra_count: float, extra_mean: Tensor, extra_m2: Tensor,
                          running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
@@ -887,20 +910,23 @@ def _batch_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
 def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tensor, mode: str,
                    dgamma: bool = True, dbeta: bool = True, count: Optional[float] = None,
                    bias_dtype: Optional[torch.dtype] = None, renorm: bool = False,
-                   lay: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                   lay: Optional[int] = None, fixed: bool = False) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Backward of :func:`batch_forward` (and its two variants) from the forward's statistics block ``stats``
     (its rows ``mean`` and ``rstd`` are used): ``dx``, and where asked for ``(C,)`` ``dgamma``, ``dbeta``, in the
     weight's and ``bias_dtype`` where the kernels write those types (float32, float64, bfloat16), else float32
     (float64 for float64 input). ``count``: the elements behind the statistics when more than the batch's
     (:func:`batch_merged_forward`). ``renorm``: the backward of :func:`batch_renorm_forward`, whose block's
     rows 3 and 4 hold ``r`` and ``d``: BatchNorm's with the weight ``gamma r``, and
-    ``dgamma = r sum dy x_hat + d sum dy``. ``lay`` as in :func:`group_backward`."""
+    ``dgamma = r sum dy x_hat + d sum dy``. ``lay`` as in :func:`group_backward`. ``fixed``: the backward of
+    :func:`batch_fixed_forward` (its block's rows 0 and 1: ``mean``, ``rstd``), ``dx = gamma rstd dy``."""
     shape, numel, dtype = x.shape, x.numel(), x.dtype
     n, c = shape[0], shape[1]
     if lay is None:
-        if stats.dim() != 2 or stats.shape[0] < (5 if renorm else 3) or stats.shape[1] != c \
+        rows = 5 if renorm else (2 if fixed else 3)
+        if stats.dim() != 2 or stats.shape[0] < rows or stats.shape[1] != c \
                 or stats.dtype != torch.float64 or not stats.is_contiguous():
-            raise ValueError(f"batch_backward: stats must be a batch{' renorm' if renorm else ''} forward's "
+            kind = " renorm" if renorm else (" fixed" if fixed else "")
+            raise ValueError(f"batch_backward: stats must be a batch{kind} forward's "
                              f"contiguous float64 (k, {c}) block, got {stats.dtype} {tuple(stats.shape)}")
         lay = layout(x)
     dy = _like(x, dy, lay)
@@ -910,9 +936,10 @@ def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tenso
     dg, gt = _grad_out(dgamma, c, _CODE_DTYPES.get(gt), gt, a)
     db, bt = _grad_out(dbeta, c, bias_dtype, 0, a)
     p = stats.data_ptr()
+    rstd = p + (8 if fixed else 16) * c
     _fn("batch_backward", dtype)(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), n, c, numel // (n * c), lay, _ptr(g), gt,
-                                 p, p + 16 * c, _MODES[mode], float(count or 0.0), p + 24 * c if renorm else None,
-                                 _ptr(dg), _ptr(db), bt, _threads(numel))
+                                 p, rstd, _MODES[mode], float(count or 0.0), p + 24 * c if renorm else None,
+                                 _ptr(dg), _ptr(db), bt, int(fixed), _threads(numel))
     return dx, dg, db
 
 

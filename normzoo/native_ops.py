@@ -45,7 +45,7 @@ _STANDARDS = ("-std=c++20", "-std=c++17")  # the first the compiler takes (PyTor
 #: The kernel families bound, in the order ``normzoo::bind`` takes them (each float32, float64, bfloat16).
 _FAMILIES = ("group_forward", "group_backward", "batch_forward", "batch_backward", "rownorm_forward",
              "rownorm_backward", "switch_forward", "switch_backward", "bin_forward", "bin_backward", "s0_forward",
-             "s0_backward", "b0_forward", "b0_backward")
+             "s0_backward", "b0_forward", "b0_backward", "batch_fixed_forward")
 
 
 class Ops(NamedTuple):
@@ -59,6 +59,7 @@ class Ops(NamedTuple):
     #: extra_mean, extra_m2) -> (y, stats)``: the statistics block of :func:`normzoo.native.batch_forward` (Batch
     #: Renorm's and the window's variants too)
     batch_norm_stats: Any
+    batch_norm_fixed: Any  #: ``(x, weight, bias, mean, var, eps, mode, lay) -> y``: eval with the given statistics
     row_norm: Any  #: ``(x, weight, bias, d, eps, rms) -> y``
     #: ``(x, weight, bias, running_mean, running_var, momentum, eps, lay, merge, count_p, mean_p, var_p, slot,
     #: count_buf, mean_buf, var_buf, keep_old) -> (y, stats, old, merged count)``: a Cross-Iteration BN step

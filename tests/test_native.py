@@ -93,7 +93,17 @@ LAYERS = {
     # clipping active: the data has mean 1.5 and std 2 against running statistics 0 and 1
     "brn": lambda x, w, b: F.batch_renorm(x, torch.zeros(x.shape[1]), torch.ones(x.shape[1]), w, b, training=True,
                                           r_max=1.5, d_max=0.5),
+    # eval: fixed statistics (channel_norm.fixed_affine), running ones unlike the data's
+    "bn_eval": lambda x, w, b: F.batch_norm(x, *_running(x), w, b, training=False),
+    "mbn_eval": lambda x, w, b: F.mean_only_batch_norm(x, _running(x)[0], None, w, b, training=False),
+    "in_eval": lambda x, w, b: F.instance_norm(x, *_running(x), w, b, use_input_stats=False),
 }
+
+
+def _running(x):
+    """Running mean and variance for x's channels: float32 (C,), -1..2 and 0.5..3."""
+    c = x.shape[1]
+    return torch.linspace(-1.0, 2.0, c), torch.linspace(0.5, 3.0, c)
 
 
 def _inputs(shape, dtype, channels_last: bool, seed: int, scale: float = 2.0, shift: float = 1.5):

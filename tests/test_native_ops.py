@@ -73,6 +73,11 @@ CHANNEL_LAYERS = {
     "in": lambda x, w, b: F.instance_norm(x, weight=w, bias=b),
     "gn": lambda x, w, b: F.group_norm(x, 3, w, b),
     "ln2d": lambda x, w, b: F.layer_norm_2d(x, w, b),
+    # eval: the running statistics (-1..2 and 0.5..3), fixed
+    "bn_eval": lambda x, w, b: F.batch_norm(x, torch.linspace(-1, 2, x.shape[1]), torch.linspace(0.5, 3, x.shape[1]),
+                                            w, b, training=False),
+    "mbn_eval": lambda x, w, b: F.mean_only_batch_norm(x, torch.linspace(-1, 2, x.shape[1]), None, w, b,
+                                                       training=False),
 }
 ROW_LAYERS = {
     "ln": lambda x, w, b: F.layer_norm(x, x.shape[-2:], w, b),
@@ -99,7 +104,7 @@ _CHANNEL_CASES = [(name, shape, x_cl, g_cl) for name in sorted(CHANNEL_LAYERS)
                   for shape in [(4, 6, 5, 7), (2, 6, 300, 2), (3, 6, 4), (5, 6)]
                   for x_cl, g_cl in ([(False, False), (True, True), (True, False), (False, True)] if len(shape) == 4
                                      else [(False, False)])
-                  if len(shape) > 2 or name in ("bn", "mbn")]
+                  if len(shape) > 2 or name.startswith(("bn", "mbn"))]
 
 
 @needs_compiled

@@ -38,7 +38,10 @@ typedef void (*batch_fwd_t)(const void *, void *, int64_t, int64_t, int64_t, int
                             double, int, double *, double *, double *, void *, void *, int, double, double *, double,
                             double, double, const double *, double *, int);
 typedef void (*batch_bwd_t)(const void *, const void *, void *, int64_t, int64_t, int64_t, int, const void *, int,
-                            const double *, const double *, int, double, const double *, void *, void *, int, int);
+                            const double *, const double *, int, double, const double *, void *, void *, int, int,
+                            int);
+typedef void (*batch_fixed_fwd_t)(const void *, void *, int64_t, int64_t, int64_t, int, const void *, int, const void *,
+                                  int, const void *, int, const void *, int, double, int, double *, int);
 typedef void (*row_fwd_t)(const void *, void *, int64_t, int64_t, const void *, int, const void *, int, double, int,
                           double *, double *, int);
 typedef void (*row_bwd_t)(const void *, const void *, void *, int64_t, int64_t, const void *, int, int,
@@ -80,6 +83,7 @@ struct Kernels {
     std::array<s0_bwd_t, 3> s0_bwd{};
     std::array<b0_fwd_t, 3> b0_fwd{};
     std::array<b0_bwd_t, 3> b0_bwd{};
+    std::array<batch_fixed_fwd_t, 3> batch_fixed_fwd{};
     window_merge_t window_merge = nullptr;
     window_record_t window_record = nullptr;
     wake_t wake = nullptr;
@@ -90,7 +94,7 @@ Kernels k;
 
 // bind(addresses, parallel_threshold): the kernels' addresses in the order above (each family float32, float64,
 // bfloat16), then those of nz_window_merge, nz_window_record and nz_pool_wake.
-constexpr size_t kFamilies = 14;
+constexpr size_t kFamilies = 15;
 void bind(at::IntArrayRef addresses, int64_t parallel_threshold) {
     TORCH_CHECK(addresses.size() == 3 * kFamilies + 3, "normzoo::bind: expected ", 3 * kFamilies + 3,
                 " kernel addresses, got ", addresses.size());
@@ -110,6 +114,7 @@ void bind(at::IntArrayRef addresses, int64_t parallel_threshold) {
         k.s0_bwd[d] = reinterpret_cast<s0_bwd_t>(at_(33 + d));
         k.b0_fwd[d] = reinterpret_cast<b0_fwd_t>(at_(36 + d));
         k.b0_bwd[d] = reinterpret_cast<b0_bwd_t>(at_(39 + d));
+        k.batch_fixed_fwd[d] = reinterpret_cast<batch_fixed_fwd_t>(at_(42 + d));
     }
     k.window_merge = reinterpret_cast<window_merge_t>(at_(3 * kFamilies));
     k.window_record = reinterpret_cast<window_record_t>(at_(3 * kFamilies + 1));
@@ -489,13 +494,87 @@ struct BatchOp : public torch::autograd::Function<BatchOp> {
         k.batch_bwd[s.d](s.dy.data_ptr(), s.x.data_ptr(), dx.data_ptr(), s.n, c, s.l(), s.lay, pg.g.ptr(), pg.gcode,
                          p, p + 2 * c, static_cast<int>(ctx->saved_data["mode"].toInt()),
                          ctx->saved_data["count"].toDouble(), renorm ? p + 3 * c : nullptr, pg.dg_ptr(), pg.db_ptr(),
-                         pg.bcode, s.nthreads);
+                         pg.bcode, 0, s.nthreads);
         variable_list out = none;
         std::tie(out[1], out[2]) = pg.as_params();
         out[0] = dx;
         return first_order_only(std::move(out), {grads[0]});
     }
 };
+
+// ---- BatchNorm with fixed statistics (eval mode: the running ones; channel_norm.fixed_affine) ----
+// y = gamma (x - mean) rstd + beta; the float64 (2, C) block of mean and rstd is saved for the backward, dx = gamma
+// rstd dy. Unlike the training ops this one is linear in x with constant statistics, as torch's eval BatchNorm and
+// the tensor formula it replaces: under create_graph its backward is taken with tensor operations, which autograd
+// can differentiate again.
+struct FixedBatchOp : public torch::autograd::Function<FixedBatchOp> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &weight,
+                          const OptionalTensor &bias, const Tensor &mean, const OptionalTensor &var, double eps,
+                          int64_t mode, int64_t lay) {
+        const size_t d = dtype_index(x);
+        const int64_t n = x.size(0), c = x.size(1), numel = x.numel(), l = numel / (n * c);
+        const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor()), v = var.value_or(Tensor());
+        TORCH_CHECK(mode == 1 || v.defined(), "normzoo::batch_norm_fixed: needs var unless mode is 1 (mean-only)");
+        const Param g = typed(w, c, arith_of(x)), bt = typed(b, c, arith_of(x));
+        const Param m = typed(mean, c, at::kDouble), vv = typed(v, c, at::kDouble);
+        Tensor y = at::empty_like(x);
+        Tensor stats = at::empty({2, c}, x.options().dtype(at::kDouble));
+        k.batch_fixed_fwd[d](x.data_ptr(), y.data_ptr(), n, c, l, static_cast<int>(lay), g.ptr(), g.code, bt.ptr(),
+                             bt.code, m.ptr(), m.code, vv.ptr(), vv.code, eps, static_cast<int>(mode),
+                             stats.data_ptr<double>(), threads_for(numel));
+        ctx->set_materialize_grads(false);
+        ctx->save_for_backward({x, w, stats});
+        ctx->saved_data["mode"] = mode;
+        ctx->saved_data["lay"] = lay;
+        save_bias(ctx, b);
+        return y;
+    }
+
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        const variable_list none(8);
+        if (!grads[0].defined()) return none;
+        if (at::GradMode::is_enabled()) return twice_differentiable(ctx, grads[0]);
+        const Backward s(ctx, grads[0]);
+        const Tensor &w = s.saved[1], &stats = s.saved[2];
+        const int64_t c = s.c;
+        Tensor dx = at::empty_like(s.x);
+        const AffineGrads pg(ctx, w, c, arith_of(s.x));
+        const double *p = stats.data_ptr<double>();
+        k.batch_bwd[s.d](s.dy.data_ptr(), s.x.data_ptr(), dx.data_ptr(), s.n, c, s.l(), s.lay, pg.g.ptr(), pg.gcode,
+                         p, p + c, static_cast<int>(ctx->saved_data["mode"].toInt()), 0.0, nullptr, pg.dg_ptr(),
+                         pg.db_ptr(), pg.bcode, 1, s.nthreads);
+        variable_list out = none;
+        std::tie(out[1], out[2]) = pg.as_params();
+        out[0] = dx;
+        return out;
+    }
+
+    // The same gradients from tensor operations (in x's arithmetic type), recorded for a further derivative.
+    static variable_list twice_differentiable(AutogradContext *ctx, const Tensor &grad) {
+        const auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &w = saved[1], &stats = saved[2];
+        const at::ScalarType a = arith_of(x);
+        std::vector<int64_t> shape(x.dim(), 1), dims{0};
+        shape[1] = x.size(1);
+        for (int64_t i = 2; i < x.dim(); i++) dims.push_back(i);
+        const Tensor rstd = stats[1].to(a).view(shape), dy = grad.to(a);
+        variable_list out(8);
+        out[0] = (w.defined() ? dy * (w.to(a).view(shape) * rstd) : dy * rstd).to(x.scalar_type());
+        Edges edges;
+        if (edges.wants(ctx, w.defined()))
+            out[1] = (dy * (x.to(a) - stats[0].to(a).view(shape)) * rstd).sum(dims).to(w.scalar_type()).view(w.sizes());
+        const int64_t bias_code = ctx->saved_data["bias_dtype"].toInt();
+        if (edges.wants(ctx, bias_code >= 0))
+            out[2] = dy.sum(dims).to(static_cast<at::ScalarType>(bias_code))
+                         .view(ctx->saved_data["bias_shape"].toIntVector());
+        return out;
+    }
+};
+
+Tensor batch_norm_fixed(const Tensor &x, const OptionalTensor &weight, const OptionalTensor &bias, const Tensor &mean,
+                        const OptionalTensor &var, double eps, int64_t mode, int64_t lay) {
+    return FixedBatchOp::apply(x, weight, bias, mean, var, eps, mode, lay);
+}
 
 // normzoo.native.batch_merged_forward's window block: the two rows of one float64 (2, C) block, read in place.
 Tensor window_block(const Tensor &mean, const Tensor &m2, int64_t c) {
@@ -974,6 +1053,8 @@ TORCH_LIBRARY(normzoo, m) {
     m.def("evonorm_s0(Tensor x, Tensor? weight, Tensor? bias, Tensor? v, int groups, float eps, int lay) -> Tensor");
     m.def("evonorm_b0(Tensor x, Tensor? weight, Tensor? bias, Tensor? v, Tensor? fixed_var, float eps, int lay) "
           "-> (Tensor, Tensor)");
+    m.def("batch_norm_fixed(Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor? var, float eps, int mode, "
+          "int lay) -> Tensor");
     m.def("empty_step(Tensor x, Tensor? p0, Tensor? p1, Tensor? p2, Tensor? p3) -> Tensor");
     m.def("batch_instance_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor rho, Tensor(a!)? running_mean, "
           "Tensor(b!)? running_var, bool use_batch, bool training, float momentum, float eps, int lay) -> Tensor");
@@ -986,6 +1067,7 @@ TORCH_LIBRARY_IMPL(normzoo, CompositeImplicitAutograd, m) {
     m.impl("group_norm_stats", group_norm_stats);
     m.impl("batch_norm", batch_norm);
     m.impl("batch_norm_stats", batch_norm_stats);
+    m.impl("batch_norm_fixed", batch_norm_fixed);
     m.impl("row_norm", row_norm);
     m.impl("cross_iteration_norm", cross_iteration_norm);
     m.impl("switchable_norm", switchable_norm);
@@ -1069,7 +1151,7 @@ template <typename R, typename... A, R (*F)(A...)> struct Entry<F> {
 #define NZ_ENTRY(f) {#f, (PyCFunction)(void (*)(void))Entry<f>::fn, METH_FASTCALL, nullptr}
 PyMethodDef nz_py_ops[] = {
     NZ_ENTRY(group_norm),     NZ_ENTRY(group_norm_stats),     NZ_ENTRY(batch_norm), NZ_ENTRY(batch_norm_stats),
-    NZ_ENTRY(row_norm),       NZ_ENTRY(cross_iteration_norm), NZ_ENTRY(switchable_norm),
+    NZ_ENTRY(batch_norm_fixed), NZ_ENTRY(row_norm), NZ_ENTRY(cross_iteration_norm), NZ_ENTRY(switchable_norm),
     NZ_ENTRY(batch_instance_norm), NZ_ENTRY(filter_response_norm), NZ_ENTRY(evonorm_s0), NZ_ENTRY(evonorm_b0),
     NZ_ENTRY(empty_step),     {nullptr, nullptr, 0, nullptr}};
 PyModuleDef nz_py_module = {PyModuleDef_HEAD_INIT, "_normzoo_ops", nullptr, -1, nz_py_ops};
