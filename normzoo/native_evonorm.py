@@ -29,7 +29,7 @@ from normzoo.native import (_RUNNING_TYPES, BufferViews, _arith, _dims, _like, _
 _SIGNATURES = {  # {suf}: one function per dtype; gamma, beta, v (and their gradients) as pointers + one type code
     "nz_s0_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I64, _I, _P, _P, _P, _I, _D, _P, _P, _I],
     "nz_s0_backward_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I64, _I, _P, _P, _I, _P, _P, _P, _P, _P, _I],
-    "nz_b0_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I, _P, _P, _P, _I, _D, _P, _P, _I],
+    "nz_b0_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I, _P, _P, _P, _I, _D, _P, _I, _I, _D, _P, _I],
     "nz_b0_backward_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I, _P, _P, _I, _P, _I, _P, _P, _P, _I],
     "nz_evo_sigmoid_{suf}": [_P, _P, _I64],
 }
@@ -107,16 +107,26 @@ class B0State(BufferViews):
 
 
 def b0_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor], eps: float,
-               fixed_var: Optional[Tensor]) -> Tuple[Tensor, B0State]:
+               fixed_var: Optional[Tensor], running_var: Optional[Tensor] = None,
+               momentum: float = 0.0) -> Tuple[Tensor, B0State]:
     """EvoNorm-B0 of ``x``: ``y`` and the :class:`B0State`. ``fixed_var`` ``(C,)``: the variance behind
-    ``sigma_b`` (eval with running statistics); ``None``: the batch's biased variance."""
+    ``sigma_b`` (eval with running statistics; read in its dtype where the kernels take it, else as a float64
+    copy); ``None``: the batch's biased variance, and then ``running_var`` (where
+    :func:`normzoo.native.running_update_applies`) is updated in place with the unbiased one as
+    ``running_var.lerp_(var, momentum)``."""
     n, c, l = _dims(x)
     y = torch.empty_like(x)
     buf = torch.empty(2 * n * c + 3 * c, dtype=torch.float64)
-    fv = None if fixed_var is None else fixed_var.detach().to(torch.float64).contiguous()
+    if fixed_var is not None:
+        run, rtype = _typed_param(fixed_var, c, torch.float64)
+    elif running_var is not None:
+        run, rtype = running_var, native._running_type(None, running_var)
+    else:
+        run, rtype = None, 0
     (g, b, vv), pdt = _typed(c, x.dtype, weight, bias, v)
     _fn("b0_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, layout(x), _ptr(g), _ptr(b), _ptr(vv),
-                               _RUNNING_TYPES[pdt], float(eps), _ptr(fv), buf.data_ptr(), _threads(x.numel()))
+                               _RUNNING_TYPES[pdt], float(eps), _ptr(run), rtype, int(fixed_var is None),
+                               float(momentum), buf.data_ptr(), _threads(x.numel()))
     return y, B0State(buf, n, c)
 
 

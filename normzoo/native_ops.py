@@ -73,7 +73,8 @@ class Ops(NamedTuple):
     #: learned eps of one value (its gradient is computed), or None for a constant ``eps``
     filter_response_norm: Any
     evonorm_s0: Any  #: ``(x, weight, bias, v, groups, eps, lay) -> y``
-    #: ``(x, weight, bias, v, fixed_var, eps, lay) -> (y, buf)``: :class:`normzoo.native_evonorm.B0State`'s buffer
+    #: ``(x, weight, bias, v, running_var, use_batch, momentum, eps, lay) -> (y, buf)``:
+    #: :class:`normzoo.native_evonorm.B0State`'s buffer; the running variance read (not ``use_batch``) or updated
     evonorm_b0: Any
     #: ``(x, p0, p1, p2, p3) -> y``: an op that does no work (``y``, and in the backward the gradients, are
     #: uninitialized tensors like its inputs), applied as these are: ``normzoo bench``'s fixed cost of a step

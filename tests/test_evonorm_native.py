@@ -123,6 +123,37 @@ def test_b0_native_matches_formula(dtype, shape, channels_last, mode, formula):
         assert m > 1
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("kind", ["float32", "float64", "bfloat16", "float16", "strided"])
+def test_b0_running_variance_in_any_buffer(kind, compiled, formula):
+    """The running variance is updated (training) and read (eval) in its own dtype: by the kernel where it takes the
+    buffer (contiguous float32, float64, bfloat16), otherwise by a tensor update after it (float16, a strided
+    view); on both autograd paths, as the formula path does it."""
+    from normzoo import native_ops
+
+    torch.manual_seed(5)
+    x = torch.randn(4, 6, 5, 5) * 2.0 + 0.5
+    params = _params(6, torch.float32, 6)
+
+    def buffer():
+        if kind == "strided":
+            return (torch.rand(12, generator=torch.Generator().manual_seed(1)) + 0.5)[::2]
+        return (torch.rand(6, generator=torch.Generator().manual_seed(1)) + 0.5).to(getattr(torch, kind))
+
+    old = native_ops.use_compiled(compiled)
+    try:
+        ours, theirs = buffer(), buffer()
+        y = evonorm_b0(x, ours, *params, True, 0.3, EPS)
+        torch.testing.assert_close(y, formula(lambda: evonorm_b0(x, theirs, *params, True, 0.3, EPS)))
+        tol = 1e-2 if kind in ("bfloat16", "float16") else 1e-6
+        assert ours.dtype == theirs.dtype and not torch.equal(ours, buffer())
+        torch.testing.assert_close(ours.double(), theirs.double(), rtol=tol, atol=tol)
+        y = evonorm_b0(x, ours, *params, False, 0.3, EPS)  # eval: the running variance read
+        torch.testing.assert_close(y, formula(lambda: evonorm_b0(x, ours, *params, False, 0.3, EPS)))
+    finally:
+        native_ops.use_compiled(old)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("track", [True, False])

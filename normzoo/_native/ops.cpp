@@ -60,7 +60,7 @@ typedef void (*s0_fwd_t)(const void *, void *, int64_t, int64_t, int64_t, int64_
 typedef void (*s0_bwd_t)(const void *, const void *, void *, int64_t, int64_t, int64_t, int64_t, int, const void *,
                          const void *, int, const double *, const double *, void *, void *, void *, int);
 typedef void (*b0_fwd_t)(const void *, void *, int64_t, int64_t, int64_t, int, const void *, const void *, const void *,
-                         int, double, const double *, double *, int);
+                         int, double, void *, int, int, double, double *, int);
 typedef void (*b0_bwd_t)(const void *, const void *, void *, int64_t, int64_t, int64_t, int, const void *, const void *,
                          int, const double *, int, void *, void *, void *, int);
 typedef double (*window_merge_t)(int64_t, int64_t, int, const void *, const void *, const void *, double *, double *);
@@ -945,7 +945,7 @@ struct S0Op : public torch::autograd::Function<S0Op> {
                       ptr_of(g.dv), s.nthreads);
         return first_order_only({ctx->needs_input_grad(0) ? dx : Tensor(), grad_in(g.dg, dtypes[0]),
                                  grad_in(g.db, dtypes[1]), grad_in(g.dv, dtypes[2]), Tensor(), Tensor(),
-                                 Tensor()},
+                                 Tensor(), Tensor(), Tensor()},
                                 grads);
     }
 };
@@ -957,20 +957,26 @@ Tensor evonorm_s0(const Tensor &x, const OptionalTensor &weight, const OptionalT
 
 // B0: y and the float64 block the backward reads (native_evonorm.B0State: mu_i, sigma_i per (n, c); mu_b, m2_b,
 // sigma_b per channel); fixed_var: the variance behind sigma_b (eval), else the batch's.
+// running_var: with use_batch, updated in place where the kernel takes it (running_in_kernel; the caller updates
+// any other); without, the variance behind sigma_b (read in its dtype, or as a float64 copy).
 struct B0Op : public torch::autograd::Function<B0Op> {
     static variable_list forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &weight,
-                                 const OptionalTensor &bias, const OptionalTensor &v, const OptionalTensor &fixed_var,
-                                 double eps, int64_t lay) {
+                                 const OptionalTensor &bias, const OptionalTensor &v, const OptionalTensor &running_var,
+                                 bool use_batch, double momentum, double eps, int64_t lay) {
         const size_t d = dtype_index(x);
         const int64_t n = x.size(0), c = x.size(1), numel = x.numel();
         const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor()), vv = v.value_or(Tensor());
-        const bool use_batch = !(fixed_var.has_value() && fixed_var->defined());
-        const Tensor fv = use_batch ? Tensor() : fixed_var->detach().to(at::kDouble).contiguous();
+        const Tensor rv = running_var.value_or(Tensor());
+        TORCH_CHECK(use_batch || rv.defined(),
+                    "normzoo::evonorm_b0: without the batch's variance, the running variance is needed");
+        Param run;  // the buffer the kernel updates (use_batch) or reads (not)
+        if (!use_batch) run = typed(rv, c, at::kDouble);
+        else if (running_in_kernel(Tensor(), rv)) run = {rv, type_code(rv.scalar_type())};
         const EvoParams ps = evo_typed(c, arith_of(x), {&w, &b, &vv});
         Tensor y = at::empty_like(x);
         Tensor buf = at::empty({2 * n * c + 3 * c}, x.options().dtype(at::kDouble));
         k.b0_fwd[d](x.data_ptr(), y.data_ptr(), n, c, numel / (n * c), static_cast<int>(lay), ps.p[0].ptr(),
-                    ps.p[1].ptr(), ps.p[2].ptr(), ps.code(), eps, static_cast<const double *>(ptr_of(fv)),
+                    ps.p[1].ptr(), ps.p[2].ptr(), ps.code(), eps, ptr_of(run.t), run.code, use_batch ? 1 : 0, momentum,
                     buf.data_ptr<double>(), threads_for(numel));
         ctx->mark_non_differentiable({buf});
         ctx->set_materialize_grads(false);
@@ -982,7 +988,7 @@ struct B0Op : public torch::autograd::Function<B0Op> {
     }
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        if (!grads[0].defined()) return variable_list(8);  // y was not used
+        if (!grads[0].defined()) return variable_list(10);  // y was not used
         const Backward s(ctx, grads[0]);
         const Tensor &w = s.saved[1], &vv = s.saved[2], &buf = s.saved[3];
         const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
@@ -994,15 +1000,15 @@ struct B0Op : public torch::autograd::Function<B0Op> {
                       ptr_of(g.dg), ptr_of(g.db), ptr_of(g.dv), s.nthreads);
         return first_order_only({ctx->needs_input_grad(0) ? dx : Tensor(), grad_in(g.dg, dtypes[0]),
                                  grad_in(g.db, dtypes[1]), grad_in(g.dv, dtypes[2]), Tensor(), Tensor(),
-                                 Tensor()},
+                                 Tensor(), Tensor(), Tensor()},
                                 {grads[0]});
     }
 };
 
 std::tuple<Tensor, Tensor> evonorm_b0(const Tensor &x, const OptionalTensor &weight, const OptionalTensor &bias,
-                                      const OptionalTensor &v, const OptionalTensor &fixed_var, double eps,
-                                      int64_t lay) {
-    auto out = B0Op::apply(x, weight, bias, v, fixed_var, eps, lay);
+                                      const OptionalTensor &v, const OptionalTensor &running_var, bool use_batch,
+                                      double momentum, double eps, int64_t lay) {
+    auto out = B0Op::apply(x, weight, bias, v, running_var, use_batch, momentum, eps, lay);
     return {out[0], out[1]};
 }
 
@@ -1051,8 +1057,8 @@ TORCH_LIBRARY(normzoo, m) {
     m.def("filter_response_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? tau, Tensor? eps_t, float eps, "
           "int lay) -> Tensor");
     m.def("evonorm_s0(Tensor x, Tensor? weight, Tensor? bias, Tensor? v, int groups, float eps, int lay) -> Tensor");
-    m.def("evonorm_b0(Tensor x, Tensor? weight, Tensor? bias, Tensor? v, Tensor? fixed_var, float eps, int lay) "
-          "-> (Tensor, Tensor)");
+    m.def("evonorm_b0(Tensor x, Tensor? weight, Tensor? bias, Tensor? v, Tensor(a!)? running_var, bool use_batch, "
+          "float momentum, float eps, int lay) -> (Tensor, Tensor)");
     m.def("batch_norm_fixed(Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor? var, float eps, int mode, "
           "int lay) -> Tensor");
     m.def("empty_step(Tensor x, Tensor? p0, Tensor? p1, Tensor? p2, Tensor? p3) -> Tensor");

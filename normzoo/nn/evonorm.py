@@ -191,13 +191,15 @@ class _B0Native(torch.autograd.Function):
     ``S_b[c]``: the sum of ``e`` where the batch side is the max, ``S_i[n, c]``: where the instance side is (a tie
     gives each side half, as ``torch.maximum``); ``dv = sum_inst e x``, ``dgamma = sum dy x / d``, ``dbeta = sum dy``.
     ``stats`` (a list) receives the :class:`normzoo.native_evonorm.B0State` (batch mean and M2 for the
-    running variance). Saved: ``x``, the parameters and ``2 N C + 3 C`` float64 statistics.
+    running variance); ``update``: ``(running_var, momentum)`` for the kernel to update (a buffer it takes). Saved:
+    ``x``, the parameters and ``2 N C + 3 C`` float64 statistics.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], v: Optional[Tensor],
-                fixed_var: Optional[Tensor], eps: float, stats: list) -> Tensor:
-        y, state = native_evonorm.b0_forward(x, weight, bias, v, eps, fixed_var)
+                fixed_var: Optional[Tensor], eps: float, stats: list,
+                update: Optional[Tuple[Tensor, float]] = None) -> Tensor:
+        y, state = native_evonorm.b0_forward(x, weight, bias, v, eps, fixed_var, *(update or ()))
         stats.append(state)
         ctx.use_batch, ctx.nc = fixed_var is None, tuple(x.shape[:2])
         ctx.save_for_backward(x, weight, bias, v, state.buf)
@@ -212,7 +214,7 @@ class _B0Native(torch.autograd.Function):
         dx, dg, db, dv = native_evonorm.b0_backward(dy, x, weight, v, state, ctx.use_batch,
                                                     _wanted(ctx))
         return (dx if ctx.needs_input_grad[0] else None, grad_as(dg, weight), grad_as(db, bias), grad_as(dv, v), None,
-                None, None)
+                None, None, None)
 
 
 def _check_common(name: str, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -263,18 +265,22 @@ def evonorm_b0(
     lay = native.supported_layout(input)
     if lay is not None:
         native.wake_workers(input)
+        # the running variance updated in the kernel where it takes the buffer, else here (after the kernel)
+        track = training and running_var is not None
+        in_kernel = track and native.running_update_applies(None, running_var)
+        update = (running_var, momentum) if in_kernel else None
         compiled = native_ops.ops()
         if compiled is not None:  # the same op with its autograd in C++
-            y, buf = compiled.evonorm_b0(input, weight, bias, v, None if use_batch else running_var, eps, lay)
-            state = native_evonorm.B0State(buf, *input.shape[:2])
+            y, buf = compiled.evonorm_b0(input, weight, bias, v, running_var if in_kernel or not use_batch else None,
+                                         use_batch, momentum, eps, lay)
         else:
             stats: list = []
-            y = _B0Native.apply(input, weight, bias, v, None if use_batch else running_var, eps, stats)
-            state = stats[0]
-        if training and running_var is not None:
+            y = _B0Native.apply(input, weight, bias, v, None if use_batch else running_var, eps, stats, update)
+            buf = stats[0].buf
+        if track and not in_kernel:
             with torch.no_grad():  # unbiased batch variance from the kernels' exact batch moments
-                count = input.numel() // c
-                running_var.lerp_((state.m2_b / (count - 1)).to(running_var.dtype), momentum)
+                m2_b = native_evonorm.B0State(buf, *input.shape[:2]).m2_b
+                running_var.lerp_((m2_b / (input.numel() // c - 1)).to(running_var.dtype), momentum)
         return y
     if use_batch:
         if training and running_var is not None:
