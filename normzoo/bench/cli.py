@@ -30,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="normzoo bench",
         description="Time normzoo's normalization layers against torch.nn (or a straightforward implementation of "
-                    "the paper's formula) in training mode: median forward and forward+backward time, effective "
-                    "GB/s against the traffic floor, the same machine's copy bandwidth, bytes saved for backward. "
-                    "Writes a table, JSON and a PNG plot.",
+                    "the paper's formula) in training (or eval) mode: median forward and forward+backward time, "
+                    "effective GB/s against the traffic floor, the same machine's copy bandwidth, bytes saved for "
+                    "backward. Writes a table, JSON and a PNG plot.",
         epilog=f"layers known to the benchmark: {', '.join(cases.known_layers())}; default: "
                f"{' '.join(cases.DEFAULT_LAYERS)}",
     )
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OpenMP wait policy, set before torch loads: passive (default unless OMP_WAIT_POLICY is "
                         "set; robust when other processes share the cores), active (spin), inherit (leave the "
                         "environment alone)")
+    p.add_argument("--mode", choices=("train", "eval"), default="train",
+                   help="train (default; the issue's targets) or eval: every module in eval mode after one training "
+                        "forward on the input, its running statistics fixed")
     p.add_argument("--quick", action="store_true", help="smoke run: float32 only, <= 3 rounds, 5 s budget")
     p.add_argument("--out", default="bench-results", metavar="DIR",
                    help="directory for results.json, results.txt, results.png (default: bench-results)")
@@ -80,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = run(layers=args.layers, shapes=shapes, dtypes=args.dtypes, memory_formats=args.formats,
                      threads=args.threads, rounds=args.rounds, min_rounds=args.min_rounds, warmup=args.warmup,
                      budget_s=args.budget if args.budget > 0 else None, allocator=args.allocator, quick=args.quick,
-                     seed=args.seed, progress=lambda line: print(line, file=sys.stderr, flush=True))
+                     seed=args.seed, progress=lambda line: print(line, file=sys.stderr, flush=True), mode=args.mode)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -116,7 +116,9 @@ def format_table(result: "BenchResult") -> str:
         f"autograd ops: {meta.get('autograd_ops', '?')}",
         f"load: loadavg {meta.get('loadavg_before')} -> {meta.get('loadavg_after')}; other processes used "
         f"{_num(meta.get('others_cores'), '.2f')} cores on average during the run; wall {meta.get('wall_s')} s",
-        "times: medians in ms of interleaved rounds, training mode; speedup = baseline / normzoo (f+b)",
+        f"times: medians in ms of interleaved rounds, "
+        f"{'eval' if meta.get('settings', {}).get('mode') == 'eval' else 'training'} mode; "
+        "speedup = baseline / normzoo (f+b)",
         "",
     ]
     if result.rows:

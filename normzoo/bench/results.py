@@ -89,6 +89,8 @@ class Row:
     cache_resident: bool = False
     note: str = ""
     error: Optional[str] = None
+    #: ``"train"`` (the issue's targets) or ``"eval"``: the mode every module of the case ran in
+    mode: str = "train"
 
     # ----- sizes ---------------------------------------------------------------------------------------
     @property

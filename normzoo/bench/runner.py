@@ -11,6 +11,10 @@ are in training mode; "forward" is the training forward (autograd recording, gra
 target are allocated once per group and reused; every contender runs once while the group is prepared
 (first calls, page faults), so by default no further warm-up round is needed.
 
+With ``mode="eval"`` every module (normzoo's, the baseline, the BatchNorm reference) first runs one training
+forward on the group's input, so that its running statistics are the data's, and is then timed in eval mode: the
+forward with the running statistics, forward+backward as above (fine-tuning with fixed statistics).
+
 Every contender is called once per round (:data:`CALLS_PER_ROUND`), the copy included, so that all of them
 run under the same conditions: after the same pause, behind another contender. A cheap contender called
 several times in a row runs its later calls on caches its own previous call left warm; with that, the copy's
@@ -110,11 +114,12 @@ def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
     return float((a.detach().float() - b.detach().float()).abs().max())
 
 
-def _prepare(spec: LayerSpec, shape: Shape, dtype: str, fmt: str, seed: int, llc: Optional[int]) -> _Member:
+def _prepare(spec: LayerSpec, shape: Shape, dtype: str, fmt: str, seed: int, llc: Optional[int],
+             mode: str = "train") -> _Member:
     tdtype = cases.DTYPES[dtype]
     row = Row(layer=spec.name, kind=spec.kind, shape=list(shape), dtype=dtype, memory_format=fmt,
               baseline_kind=spec.baseline_kind, baseline_label=spec.baseline_label,
-              element_size=torch.empty((), dtype=tdtype).element_size(), note=spec.note)
+              element_size=torch.empty((), dtype=tdtype).element_size(), note=spec.note, mode=mode)
     row.cache_resident = llc is not None and 2 * row.tensor_bytes <= llc
     m = _Member(row)
     c = spec.channels(shape)
@@ -130,6 +135,13 @@ def _prepare(spec: LayerSpec, shape: Shape, dtype: str, fmt: str, seed: int, llc
             if mod is not None:
                 mod.to(tdtype).train()
         x = cases.make_input(shape, tdtype, fmt, gen)
+        if mode == "eval":
+            stage = "the training forward before eval"
+            for mod in (subject, baseline, reference):
+                if mod is not None:
+                    with torch.no_grad():
+                        mod(x)  # running statistics from the data
+                    mod.eval()
         stage = "the first forward"  # (counting what it saves for backward)
         row.saved, y = count_saved(lambda: subject(x), subject, inputs=[x])
         row.autograd = _autograd_of(y)
@@ -198,7 +210,7 @@ def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequen
         threads: Optional[int] = 2, rounds: int = 15, min_rounds: int = 3, warmup: int = 0,
         budget_s: Optional[float] = 25.0, allocator: str = "tuned", quick: bool = False,
         specs: Optional[Sequence[LayerSpec]] = None, seed: int = 0,
-        progress: Optional[Progress] = None) -> BenchResult:
+        progress: Optional[Progress] = None, mode: str = "train") -> BenchResult:
     """Benchmark normzoo's layers against torch.nn / paper-formula baselines; return a :class:`BenchResult`.
 
     ``layers``: registry names (default :data:`normzoo.bench.cases.DEFAULT_LAYERS`, ``["all"]`` for every
@@ -211,8 +223,11 @@ def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequen
     untimed rounds first (default 0: every contender has already run once while the group was prepared), ``budget_s`` seconds of timed rounds shared over all groups (``None``: always
     ``rounds``). ``allocator``: ``"tuned"`` or ``"default"`` (see
     :func:`normzoo.bench.harness.configure_allocator`). ``quick``: float32 unless ``dtypes`` are given, at most
-    3 rounds (at least 2) and at most a 5 s budget. ``progress``: called with one line per group.
+    3 rounds (at least 2) and at most a 5 s budget. ``progress``: called with one line per group. ``mode``:
+    ``"train"`` (the issue's targets) or ``"eval"`` (see the module doc).
     """
+    if mode not in ("train", "eval"):
+        raise ValueError(f"normzoo bench: mode must be 'train' or 'eval', got {mode!r}")
     if quick:
         dtypes = dtypes or ("float32",)
         rounds, min_rounds = min(rounds, 3), min(min_rounds, 2)
@@ -255,7 +270,7 @@ def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequen
         for done, i in enumerate(order):
             spec, shape, fmt = groups[i]
             t0 = time.perf_counter()
-            members = [_prepare(spec, shape, dt, fmt, seed, llc) for dt in dtype_names]
+            members = [_prepare(spec, shape, dt, fmt, seed, llc, mode) for dt in dtype_names]
             contenders = _contenders(members)
             share = None if budget_left is None else max(budget_left, 0.0) / (len(order) - done)
             if contenders:
@@ -290,9 +305,10 @@ def run(layers: Optional[Sequence[str]] = None, shapes: Optional[Sequence[Sequen
         "others_cores": whole.others_cores,
         "settings": {"layers": [s.name for s in specs], "shapes": [list(s) for s in shape_list],
                      "dtypes": dtype_names, "memory_formats": formats, "rounds": rounds, "min_rounds": min_rounds,
-                     "warmup": warmup, "budget_s": budget_s, "quick": quick, "seed": seed},
-        "method": ("training mode; medians of interleaved rounds, each call after an untimed pause of "
-                   f"{harness.SETTLE_S * 1e6:.0f} us (thread pools asleep); forward = training forward with autograd "
+                     "warmup": warmup, "budget_s": budget_s, "quick": quick, "seed": seed, "mode": mode},
+        "method": (f"{'training' if mode == 'train' else 'eval'} mode; medians of interleaved rounds, each call after "
+                   f"an untimed pause of {harness.SETTLE_S * 1e6:.0f} us (thread pools asleep); forward = "
+                   f"{'training' if mode == 'train' else 'eval'} forward with autograd "
                    "recording; forward+backward = forward + torch.autograd.grad w.r.t. input and parameters; "
                    "bandwidth floor 2 x bytes forward, 5 x bytes forward+backward; copy = Tensor.copy_ into a "
                    "preallocated tensor of the same size and layout, 2 x bytes"),

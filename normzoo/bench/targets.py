@@ -1,4 +1,4 @@
-"""The performance targets of issue 5, checked row by row (training mode, forward+backward).
+"""The performance targets of issue 5, checked row by row (forward+backward; training mode, or eval with ``mode``).
 
 ==========  ===========================================================================================
 key         target
@@ -34,6 +34,11 @@ carries ``needs_copy_beside_empty``: the fraction of the copy bandwidth at which
 traffic floor in the time the target leaves after that fixed cost. Where that is above 1 (or the fixed cost alone
 takes the whole time) and the plain ``needs_copy`` is not, the miss is marked as beyond the copy bandwidth beside an
 empty step: at small tensors, no kernel, however fast, meets it in a Python autograd op.
+
+Eval rows (``normzoo bench --mode eval``: every module in eval, the running statistics fixed) are held to the same
+targets except two the issue states for training mode: the 2x speedups (every layer must still not be slower than
+its baseline) and the BatchNorm family's 1.3x of BatchNorm (in eval BatchNorm is one affine pass each way, while
+Switchable and Batch-Instance Norm still take per-sample statistics; ``vs_bn`` is reported, not judged).
 
 These are what the report marks; they are measurements on a noisy shared machine, never test assertions.
 """
@@ -109,9 +114,9 @@ def in_bn_family(layer: str) -> bool:
 
 
 def speedup_needed(row: Row) -> float:
-    """The speedup the issue asks of this row (see the module table)."""
+    """The speedup the issue asks of this row (see the module table; eval rows: :data:`SPEEDUP_MIN`)."""
     name, channels_last = row.layer, row.memory_format == "channels_last"
-    strong = row.dtype == TARGET_DTYPE and (
+    strong = row.dtype == TARGET_DTYPE and row.mode == "train" and (
         (name == "bn2d" and not channels_last)
         or name.startswith("in")
         or name == "rms"
@@ -134,7 +139,7 @@ def checks(row: Row) -> List[Check]:
         floor = row.floor_at_copy_s
         out.append(Check("copy", row.copy_fraction_fb, COPY_FRACTION_MIN, True, None,
                          row.copy_needed_within(None if floor is None else floor / COPY_FRACTION_MIN)))
-    if in_bn_family(row.layer):
+    if in_bn_family(row.layer) and row.mode == "train":
         out.append(Check("vs_bn", row.vs_bn, VS_BN_MAX, False))
     if row.saved is not None:  # in units of one input tensor, as the table shows it
         out.append(Check("saved", row.saved_vs_input, row.saved_allowance / row.tensor_bytes, False))
