@@ -10,9 +10,10 @@ type and their gradients come back in it (``None`` where not asked for).
 S0 (``y = gamma r x sigmoid(v x) + beta``, ``r = (var_(n, g) + eps)^-1/2``) is fused: each (sample, group)
 block (each sample in channels_last) is read for its statistics and again, from cache, for the output;
 backward likewise, keeping ``sigmoid(v x)`` of the block from its first pass to the second in a per-thread
-buffer (blocks up to 1M values; larger ones compute it again). B0 (``y = gamma x / max(sigma_b, v x + sigma_i) + beta``) runs two passes each way:
-per-(n, c) moments (forward) or gradient sums (backward) over ``x``, the O(N C) algebra in C, then the
-elementwise pass.
+buffer (blocks up to 1M values; larger ones compute it again). B0 (``y = gamma x / max(sigma_b, v x + sigma_i)
++ beta``) runs two passes each way: per-(n, c) moments (forward) or gradient sums (backward) over ``x``, the O(N C)
+algebra in C, then the elementwise pass; in the contiguous layout a block of channels at a time, as BatchNorm, so
+that the second pass reads the block from the cache.
 """
 from __future__ import annotations
 

@@ -41,7 +41,8 @@ Two implementations, with the same results:
 - **Native** (CPU; float32, float64, bfloat16; contiguous or channels_last: where
   :func:`normzoo.native.supports` holds): an autograd Function with a hand-derived backward whose full-size
   passes are C kernels (:mod:`normzoo.native_evonorm`): S0 fused per (sample, group) block (per sample in
-  channels_last), two memory passes each way for B0. Arithmetic in float32 (float64 for float64 input), statistics in float64 (exact
+  channels_last), two passes each way for B0 (in the contiguous layout a block of channels at a time, the
+  second from the cache). Arithmetic in float32 (float64 for float64 input), statistics in float64 (exact
   shifted sums); saved for backward: the input and O(N C) statistics. The gradients flow through the
   variances (they are not treated as constants).
 - **Formula** (everything else: GPU, float16, other layouts, ``NORMZOO_NATIVE=0``): the formula in torch
