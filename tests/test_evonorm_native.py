@@ -123,6 +123,39 @@ def test_b0_native_matches_formula(dtype, shape, channels_last, mode, formula):
         assert m > 1
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("name", ["b0", "s0"])
+def test_bfloat16_results_are_the_float_results_rounded(name, channels_last):
+    """bfloat16 input runs the float32 arithmetic on its values; the results are stored rounded to nearest even,
+    subnormal ones too (AVX-512-BF16's conversion instruction would flush those to zero): y (and B0's dx) equal the
+    float32 kernels' on the same values, rounded by torch, bit for bit, in chunks that mix subnormal and normal
+    results (channels_last rows hold every channel). (S0's contiguous dx differs from float32's in the last bit of a
+    few values before rounding.)"""
+    gen = torch.Generator().manual_seed(8)
+    shape = (3, 40, 9, 8)
+    x = (torch.randn(shape, generator=gen) * 2.0).to(torch.bfloat16)
+    dy = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    w = torch.ones(40)
+    w[::3] = 2.0 ** -128  # subnormal results of every third channel, beside normal ones
+    b, v = torch.zeros(40), torch.rand(40, generator=gen)
+    x, dy = _layout(x, channels_last), _layout(dy, channels_last)
+
+    def run(x, dy):
+        x = x.detach().requires_grad_()
+        if name == "b0":
+            y = evonorm_b0(x, torch.ones(40), w, b, v, False, 0.1, EPS)
+        else:
+            y = evonorm_s0(x, 4, w, b, v, EPS)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        return y.detach(), dx
+
+    got, want = run(x, dy), run(x.float(), dy.float())
+    assert (want[0].abs() < torch.finfo(torch.float32).tiny).sum() > 100 and (want[0].abs() > 1e-3).sum() > 100
+    for a, r in zip(got, want) if name == "b0" or channels_last else zip(got[:1], want[:1]):
+        assert a.dtype == torch.bfloat16
+        assert torch.equal(a.view(torch.int16), r.to(torch.bfloat16).view(torch.int16))
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("kind", ["float32", "float64", "bfloat16", "float16", "strided"])
 def test_b0_running_variance_in_any_buffer(kind, compiled, formula):
