@@ -22,16 +22,24 @@ from normzoo.native import _D, _I, _I64, _P, _ptr, _running_type  # _D.._P: the 
 
 _SIGNATURES = {
     "nz_switch_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I, _P, _I, _P, _I, _P, _P, _I, _I, _D, _P, _I, _P, _I, _D, _P,
-                                _P, _I],
-    "nz_switch_backward_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I, _I, _P, _I, _P, _P, _P, _I, _P, _I, _P, _I, _P, _I,
-                                 _I],
-    "nz_bin_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I, _P, _I, _P, _P, _I, _I, _D, _P, _I, _P, _I, _D, _P, _P, _I],
-    "nz_bin_backward_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I, _I, _P, _I, _P, _P, _P, _I, _P, _I, _P, _I, _I],
+                                _I],
+    "nz_switch_backward_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I, _I, _P, _I, _P, _P, _I, _P, _I, _P, _I, _P, _I, _I],
+    "nz_bin_forward_{suf}": [_P, _P, _I64, _I64, _I64, _I, _P, _I, _P, _P, _I, _I, _D, _P, _I, _P, _I, _D, _P, _I],
+    "nz_bin_backward_{suf}": [_P, _P, _P, _I64, _I64, _I64, _I, _I, _P, _I, _P, _P, _I, _P, _I, _P, _I, _I],
+    # the float64 block a forward keeps for its backward, in values, for (N, C)
+    "nz_switch_keep_size": ([_I64, _I64], _I64),
+    "nz_bin_keep_size": ([_I64, _I64], _I64),
 }
 
 
 def _fn(name: str, dtype: torch.dtype):
     return native.entry(f"nz_{name}_{{suf}}", dtype, _SIGNATURES)
+
+
+def _keep(kind: str, n: int, c: int) -> Tensor:
+    """The float64 block that ``kind``'s (``"switch"``, ``"bin"``) forward keeps for its backward, sized by the
+    kernels (``nz_<kind>_keep_size``)."""
+    return torch.empty(native.entry(f"nz_{kind}_keep_size", None, _SIGNATURES)(n, c), dtype=torch.float64)
 
 
 def _typed(t: Optional[Tensor], size: int) -> Tuple[Optional[Tensor], int]:
@@ -66,17 +74,17 @@ def switch_forward(x: Tensor, mean_logits: Tensor, var_logits: Tensor, running_m
     from them (BN: from the running statistics when not ``use_batch``), mixed with ``softmax`` of the ``(3,)``
     logits (order IN, LN, BN), and the affine map. With ``use_batch`` and running buffers
     (:func:`normzoo.native.running_update_applies`) those are updated in place with the batch's statistics.
-    Returns ``y`` and the float64 block the backward needs (``2 N C + 2 N + 3 C + 7`` values)."""
+    Returns ``y`` and the float64 block the backward needs (``nz_switch_keep_size``: ``2 N C + 2 N + 3 C + 7``
+    values)."""
     n, c, l, lay = _dims(x)
     y = torch.empty_like(x)
-    keep = torch.empty(2 * n * c + 2 * n + 3 * c + 7, dtype=torch.float64)
-    tmp = torch.empty(2 * c + 6, dtype=torch.float64)
+    keep = _keep("switch", n, c)
     (ml, mlt), (vl, vlt) = _typed(mean_logits.detach(), 3), _typed(var_logits.detach(), 3)
     (g, gt), (b, bt) = _typed(weight, c), _typed(bias, c)
     _fn("switch_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, lay, ml.data_ptr(), mlt, vl.data_ptr(), vlt,
                                    _ptr(running_mean), _ptr(running_var), _running_type(running_mean, running_var),
                                    int(use_batch), float(momentum), _ptr(g), gt, _ptr(b), bt, float(eps),
-                                   keep.data_ptr(), tmp.data_ptr(), native._threads(x.numel()))
+                                   keep.data_ptr(), native._threads(x.numel()))
     return y, keep
 
 
@@ -88,11 +96,10 @@ def switch_backward(dy: Tensor, x: Tensor, keep: Tensor, use_batch: bool, weight
     n, c, l, lay = _dims(x)
     dy = native._like(x, dy)
     dx = torch.empty_like(x) if wanted[0] else None
-    tmp = torch.empty(4 * n * c + 8 * n + 5 * c + 6, dtype=torch.float64)
     g, gt = _typed(weight, c)
     outs = [_grad_buffer(dt, size, want) for dt, size, want in zip(param_dtypes, (c, c, 3, 3), wanted[1:])]
     _fn("switch_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, l, lay, int(use_batch), _ptr(g), gt,
-                                    keep.data_ptr(), tmp.data_ptr(), *[v for t, code in outs for v in (_ptr(t), code)],
+                                    keep.data_ptr(), *[v for t, code in outs for v in (_ptr(t), code)],
                                     native._threads(x.numel()))
     return (dx, *(grad_as(t, dt) for (t, _), dt in zip(outs, param_dtypes)))
 
@@ -104,15 +111,14 @@ def bin_forward(x: Tensor, rho: Tensor, running_mean: Optional[Tensor], running_
     """Batch-Instance Normalization of ``x`` ``(N, C, *S)``: the instance moments, BN statistics merged from
     them (or the running ones when not ``use_batch``), the gate ``clamp(rho, 0, 1)``, one affine map per
     (n, c). With ``use_batch`` and running buffers, those are updated in place. Returns ``y`` and the float64
-    block the backward needs (``3 N C + 4 C`` values)."""
+    block the backward needs (``nz_bin_keep_size``: ``3 N C + 4 C`` values)."""
     n, c, l, lay = _dims(x)
     y = torch.empty_like(x)
-    keep = torch.empty(3 * n * c + 4 * c, dtype=torch.float64)
-    tmp = torch.empty(3 * n * c + 3 * c, dtype=torch.float64)
+    keep = _keep("bin", n, c)
     (r, rt), (g, gt), (b, bt) = _typed(rho.detach(), c), _typed(weight, c), _typed(bias, c)
     _fn("bin_forward", x.dtype)(x.data_ptr(), y.data_ptr(), n, c, l, lay, r.data_ptr(), rt, _ptr(running_mean),
                                 _ptr(running_var), _running_type(running_mean, running_var), int(use_batch),
-                                float(momentum), _ptr(g), gt, _ptr(b), bt, float(eps), keep.data_ptr(), tmp.data_ptr(),
+                                float(momentum), _ptr(g), gt, _ptr(b), bt, float(eps), keep.data_ptr(),
                                 native._threads(x.numel()))
     return y, keep
 
@@ -125,11 +131,10 @@ def bin_backward(dy: Tensor, x: Tensor, keep: Tensor, use_batch: bool, weight: O
     n, c, l, lay = _dims(x)
     dy = native._like(x, dy)
     dx = torch.empty_like(x) if wanted[0] else None
-    tmp = torch.empty(5 * n * c + 4 * c, dtype=torch.float64)
     g, gt = _typed(weight, c)
     outs = [_grad_buffer(dt, c, want) for dt, want in zip(param_dtypes, wanted[1:])]
     _fn("bin_backward", x.dtype)(dy.data_ptr(), x.data_ptr(), _ptr(dx), n, c, l, lay, int(use_batch), _ptr(g), gt,
-                                 keep.data_ptr(), tmp.data_ptr(), *[v for t, code in outs for v in (_ptr(t), code)],
+                                 keep.data_ptr(), *[v for t, code in outs for v in (_ptr(t), code)],
                                  native._threads(x.numel()))
     return (dx, *(grad_as(t, dt) for (t, _), dt in zip(outs, param_dtypes)))
 

@@ -211,7 +211,7 @@ def _send_kernels() -> None:
     lib = native.library()
     suffixes = [native._TYPES[dtype][0] for dtype in (torch.float32, torch.float64, torch.bfloat16)]
     names = [f"nz_{family}_{suf}" for family in _FAMILIES for suf in suffixes]
-    names += ["nz_window_merge", "nz_window_record", "nz_pool_wake"]
+    names += ["nz_window_merge", "nz_window_record", "nz_pool_wake", "nz_switch_keep_size", "nz_bin_keep_size"]
     addresses = [ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in names]
     torch.ops.normzoo.bind(addresses, native.PARALLEL_THRESHOLD)
 

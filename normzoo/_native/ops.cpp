@@ -48,13 +48,14 @@ typedef void (*row_bwd_t)(const void *, const void *, void *, int64_t, int64_t, 
                           const double *, const double *, void *, void *, int, int);
 typedef void (*switch_fwd_t)(const void *, void *, int64_t, int64_t, int64_t, int, const void *, int, const void *,
                              int, void *, void *, int, int, double, const void *, int, const void *, int, double,
-                             double *, double *, int);
+                             double *, int);
 typedef void (*switch_bwd_t)(const void *, const void *, void *, int64_t, int64_t, int64_t, int, int, const void *, int,
-                             const double *, double *, void *, int, void *, int, void *, int, void *, int, int);
+                             const double *, void *, int, void *, int, void *, int, void *, int, int);
 typedef void (*bin_fwd_t)(const void *, void *, int64_t, int64_t, int64_t, int, const void *, int, void *, void *, int,
-                          int, double, const void *, int, const void *, int, double, double *, double *, int);
+                          int, double, const void *, int, const void *, int, double, double *, int);
 typedef void (*bin_bwd_t)(const void *, const void *, void *, int64_t, int64_t, int64_t, int, int, const void *, int,
-                          const double *, double *, void *, int, void *, int, void *, int, int);
+                          const double *, void *, int, void *, int, void *, int, int);
+typedef int64_t (*keep_size_t)(int64_t, int64_t);
 typedef void (*s0_fwd_t)(const void *, void *, int64_t, int64_t, int64_t, int64_t, int, const void *, const void *,
                          const void *, int, double, double *, double *, int);
 typedef void (*s0_bwd_t)(const void *, const void *, void *, int64_t, int64_t, int64_t, int64_t, int, const void *,
@@ -87,16 +88,17 @@ struct Kernels {
     window_merge_t window_merge = nullptr;
     window_record_t window_record = nullptr;
     wake_t wake = nullptr;
+    keep_size_t switch_keep_size = nullptr, bin_keep_size = nullptr;
     int64_t parallel_threshold = 1 << 16;
     bool bound = false;
 };
 Kernels k;
 
 // bind(addresses, parallel_threshold): the kernels' addresses in the order above (each family float32, float64,
-// bfloat16), then those of nz_window_merge, nz_window_record and nz_pool_wake.
+// bfloat16), then those of nz_window_merge, nz_window_record, nz_pool_wake, nz_switch_keep_size and nz_bin_keep_size.
 constexpr size_t kFamilies = 15;
 void bind(at::IntArrayRef addresses, int64_t parallel_threshold) {
-    TORCH_CHECK(addresses.size() == 3 * kFamilies + 3, "normzoo::bind: expected ", 3 * kFamilies + 3,
+    TORCH_CHECK(addresses.size() == 3 * kFamilies + 5, "normzoo::bind: expected ", 3 * kFamilies + 5,
                 " kernel addresses, got ", addresses.size());
     auto at_ = [&](size_t i) { return reinterpret_cast<void *>(static_cast<intptr_t>(addresses[i])); };
     for (size_t d = 0; d < 3; d++) {
@@ -119,6 +121,8 @@ void bind(at::IntArrayRef addresses, int64_t parallel_threshold) {
     k.window_merge = reinterpret_cast<window_merge_t>(at_(3 * kFamilies));
     k.window_record = reinterpret_cast<window_record_t>(at_(3 * kFamilies + 1));
     k.wake = reinterpret_cast<wake_t>(at_(3 * kFamilies + 2));
+    k.switch_keep_size = reinterpret_cast<keep_size_t>(at_(3 * kFamilies + 3));
+    k.bin_keep_size = reinterpret_cast<keep_size_t>(at_(3 * kFamilies + 4));
     k.parallel_threshold = parallel_threshold;
     k.bound = true;
 }
@@ -752,12 +756,10 @@ struct SwitchOp : public torch::autograd::Function<SwitchOp> {
         const Param g = typed(w, c, at::kDouble), bt = typed(b, c, at::kDouble);
         const int run_type = running_code(rm, rv);
         Tensor y = at::empty_like(x);
-        Tensor keep = at::empty({2 * n * c + 2 * n + 3 * c + 7}, x.options().dtype(at::kDouble));
-        Tensor tmp = at::empty({2 * c + 6}, x.options().dtype(at::kDouble));
+        Tensor keep = at::empty({k.switch_keep_size(n, c)}, x.options().dtype(at::kDouble));
         k.switch_fwd[d](x.data_ptr(), y.data_ptr(), n, c, l, static_cast<int>(lay), ml.ptr(), ml.code, vl.ptr(),
                         vl.code, ptr_of(rm), ptr_of(rv), run_type, use_batch ? 1 : 0, momentum, g.ptr(), g.code,
-                        bt.ptr(), bt.code, eps,
-                        keep.data_ptr<double>(), tmp.data_ptr<double>(), threads_for(numel));
+                        bt.ptr(), bt.code, eps, keep.data_ptr<double>(), threads_for(numel));
         save_mixture(ctx, x, w, keep, use_batch, lay,
                      {dtype_code(w), dtype_code(b), dtype_code(mean_logits), dtype_code(var_logits)});
         return y;
@@ -765,12 +767,9 @@ struct SwitchOp : public torch::autograd::Function<SwitchOp> {
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
         const MixtureGrads m(ctx, grads, {-1, -1, 3, 3});
-        const int64_t n = m.n, c = m.c;
-        Tensor tmp = at::empty({4 * n * c + 8 * n + 5 * c + 6}, m.x.options().dtype(at::kDouble));
-        k.switch_bwd[m.d](m.dy.data_ptr(), m.x.data_ptr(), ptr_of(m.dx), n, c, m.l(), m.lay,
-                          m.use_batch, m.g.ptr(), m.g.code, m.keep.data_ptr<double>(), tmp.data_ptr<double>(),
-                          m.out(0), m.codes[0], m.out(1), m.codes[1], m.out(2), m.codes[2], m.out(3), m.codes[3],
-                          m.nthreads);
+        k.switch_bwd[m.d](m.dy.data_ptr(), m.x.data_ptr(), ptr_of(m.dx), m.n, m.c, m.l(), m.lay,
+                          m.use_batch, m.g.ptr(), m.g.code, m.keep.data_ptr<double>(), m.out(0), m.codes[0], m.out(1),
+                          m.codes[1], m.out(2), m.codes[2], m.out(3), m.codes[3], m.nthreads);
         return first_order_only(m.result(12), grads);
     }
 };
@@ -797,23 +796,19 @@ struct BinOp : public torch::autograd::Function<BinOp> {
         const Param r = typed(rho.detach(), c, at::kDouble), g = typed(w, c, at::kDouble), bt = typed(b, c, at::kDouble);
         const int run_type = running_code(rm, rv);
         Tensor y = at::empty_like(x);
-        Tensor keep = at::empty({3 * n * c + 4 * c}, x.options().dtype(at::kDouble));
-        Tensor tmp = at::empty({3 * n * c + 3 * c}, x.options().dtype(at::kDouble));
-        k.bin_fwd[d](x.data_ptr(), y.data_ptr(), n, c, l, static_cast<int>(lay), r.ptr(), r.code,
-                     ptr_of(rm), ptr_of(rv), run_type,
-                     use_batch ? 1 : 0, momentum, g.ptr(), g.code, bt.ptr(), bt.code, eps, keep.data_ptr<double>(),
-                     tmp.data_ptr<double>(), threads_for(numel));
+        Tensor keep = at::empty({k.bin_keep_size(n, c)}, x.options().dtype(at::kDouble));
+        k.bin_fwd[d](x.data_ptr(), y.data_ptr(), n, c, l, static_cast<int>(lay), r.ptr(), r.code, ptr_of(rm),
+                     ptr_of(rv), run_type, use_batch ? 1 : 0, momentum, g.ptr(), g.code, bt.ptr(), bt.code, eps,
+                     keep.data_ptr<double>(), threads_for(numel));
         save_mixture(ctx, x, w, keep, use_batch, lay, {dtype_code(w), dtype_code(b), dtype_code(rho)});
         return y;
     }
 
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
         const MixtureGrads m(ctx, grads, {-1, -1, -1});
-        const int64_t n = m.n, c = m.c;
-        Tensor tmp = at::empty({5 * n * c + 4 * c}, m.x.options().dtype(at::kDouble));
-        k.bin_bwd[m.d](m.dy.data_ptr(), m.x.data_ptr(), ptr_of(m.dx), n, c, m.l(), m.lay, m.use_batch,
-                       m.g.ptr(), m.g.code, m.keep.data_ptr<double>(), tmp.data_ptr<double>(), m.out(0), m.codes[0],
-                       m.out(1), m.codes[1], m.out(2), m.codes[2], m.nthreads);
+        k.bin_bwd[m.d](m.dy.data_ptr(), m.x.data_ptr(), ptr_of(m.dx), m.n, m.c, m.l(), m.lay, m.use_batch,
+                       m.g.ptr(), m.g.code, m.keep.data_ptr<double>(), m.out(0), m.codes[0], m.out(1), m.codes[1],
+                       m.out(2), m.codes[2], m.nthreads);
         return first_order_only(m.result(11), grads);
     }
 };
