@@ -182,20 +182,27 @@ class _FixedBatchFn(torch.autograd.Function):
     """BatchNorm with fixed statistics (eval mode) in the native kernels, :func:`normzoo.native.batch_fixed_forward`
     and ``batch_backward(fixed=True)``: one pass each way, ``dx = gamma rstd dy``. The layer is affine in ``x`` with
     constant statistics, so unlike the training ops it is differentiable again: under ``create_graph`` the backward
-    is taken with tensor operations. ``mode``: ``"standard"`` or ``"mean"``; ``lay`` as in :class:`_GroupFn`."""
+    is taken with tensor operations. ``x`` is kept only where a parameter requires grad (a frozen BatchNorm keeps
+    no activation). ``mode``: ``"standard"`` or ``"mean"``; ``lay`` as in :class:`_GroupFn`."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
                 var: Optional[Tensor], eps: float, mode: str, lay: int) -> Tensor:
         y, stats = native.batch_fixed_forward(x, weight, bias, mean, var, eps, mode, lay=lay)
         ctx.mode, ctx.lay, ctx.bias_dtype = mode, lay, None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, stats)
+        keep_x = any(p is not None and p.requires_grad for p in (weight, bias))
+        ctx.save_for_backward(x if keep_x else None, weight, stats)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
         if torch.is_grad_enabled():
             dx, dweight, dbias = _fixed_grads_differentiable(ctx, dy)
+        elif ctx.saved_tensors[0] is None:  # no parameter needs a gradient: dx from dy alone (x's dtype and shape)
+            dy = native._like(dy, dy, ctx.lay)
+            _, weight, stats = ctx.saved_tensors
+            dx, dweight, dbias = native.batch_backward(dy, dy, weight, stats, ctx.mode, False, False, lay=ctx.lay,
+                                                       fixed=True)
         else:
             def kernel(x: Tensor, weight: Optional[Tensor], stats: Tensor, dgamma: bool, dbeta: bool) -> Tuple:
                 return native.batch_backward(dy, x, weight, stats, ctx.mode, dgamma, dbeta, bias_dtype=ctx.bias_dtype,
@@ -209,12 +216,12 @@ def _fixed_grads_differentiable(ctx: Any, dy: Tensor) -> Tuple[Tensor, Optional[
     """:class:`_FixedBatchFn`'s gradients from tensor operations in ``x``'s arithmetic type (float64 for float64,
     else float32), recorded by autograd: ``dx = gamma rstd dy``, ``dgamma = sum dy (x - mean) rstd``, ``dbeta = sum
     dy``."""
-    x, weight, stats = ctx.saved_tensors
+    x, weight, stats = ctx.saved_tensors  # (x: None where no parameter requires grad; dy has its dtype and shape)
     _, want_w, want_b, *_ = ctx.needs_input_grad
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    shape, dims = (1, -1) + (1,) * (x.dim() - 2), [0] + list(range(2, x.dim()))
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    shape, dims = (1, -1) + (1,) * (dy.dim() - 2), [0] + list(range(2, dy.dim()))
     rstd, g = stats[1].to(acc).view(shape), dy.to(acc)
-    dx = (g * rstd if weight is None else g * (weight.to(acc).view(shape) * rstd)).to(x.dtype)
+    dx = (g * rstd if weight is None else g * (weight.to(acc).view(shape) * rstd)).to(dy.dtype)
     dweight = dbias = None
     if want_w and weight is not None:
         dweight = (g * (x.to(acc) - stats[0].to(acc).view(shape)) * rstd).sum(dims)

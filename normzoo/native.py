@@ -918,7 +918,8 @@ def batch_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tenso
     (:func:`batch_merged_forward`). ``renorm``: the backward of :func:`batch_renorm_forward`, whose block's
     rows 3 and 4 hold ``r`` and ``d``: BatchNorm's with the weight ``gamma r``, and
     ``dgamma = r sum dy x_hat + d sum dy``. ``lay`` as in :func:`group_backward`. ``fixed``: the backward of
-    :func:`batch_fixed_forward` (its block's rows 0 and 1: ``mean``, ``rstd``), ``dx = gamma rstd dy``."""
+    :func:`batch_fixed_forward` (its block's rows 0 and 1: ``mean``, ``rstd``), ``dx = gamma rstd dy``; there, with
+    neither parameter gradient asked for, ``x`` is not read (only its shape, dtype and layout, which are ``dy``'s)."""
     shape, numel, dtype = x.shape, x.numel(), x.dtype
     n, c = shape[0], shape[1]
     if lay is None:

@@ -168,6 +168,35 @@ def test_eval_is_twice_differentiable(make, ops_kind):
     assert torch.autograd.gradcheck(lambda x, *ps: m(x), (x,) + params)
 
 
+@pytest.mark.parametrize("frozen", [True, False])
+def test_eval_keeps_the_input_only_for_parameter_gradients(frozen, ops_kind):
+    """dx = gamma rstd dy does not read x: with frozen parameters (a frozen BatchNorm fine-tuned through) the op
+    keeps no activation for its backward, and dx is still torch's; with trainable ones it keeps x (their sums)."""
+    m, ref = znn.BatchNorm2d(6).eval(), torch.nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+        m.weight.uniform_(0.5, 2)
+    ref.load_state_dict(m.state_dict())
+    for module in (m, ref):
+        module.requires_grad_(not frozen)
+    x = torch.randn(4, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(4, 6, 5, 5)  # contiguous: the other layout than x
+    sizes = []
+    grads = []
+    for module in (m, ref):
+        xr = x.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            y = module(xr)
+        if module is m:
+            ours_saved, sizes[:] = list(sizes), []
+        y.backward(dy)
+        grads.append(xr.grad)
+    assert (x.numel() in ours_saved) == (not frozen)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
 def test_statistics_that_require_grad_take_the_tensor_formula():
     """Running statistics that require grad are differentiated (the tensor-operations route), as before."""
     x = torch.randn(4, 3, 5, dtype=torch.float64)

@@ -510,7 +510,8 @@ struct BatchOp : public torch::autograd::Function<BatchOp> {
 // y = gamma (x - mean) rstd + beta; the float64 (2, C) block of mean and rstd is saved for the backward, dx = gamma
 // rstd dy. Unlike the training ops this one is linear in x with constant statistics, as torch's eval BatchNorm and
 // the tensor formula it replaces: under create_graph its backward is taken with tensor operations, which autograd
-// can differentiate again.
+// can differentiate again. x is kept only where a parameter requires grad (its sums read x): a frozen BatchNorm
+// (tools.freeze with frozen parameters) keeps no activation, as a multiply by a constant would not.
 struct FixedBatchOp : public torch::autograd::Function<FixedBatchOp> {
     static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptionalTensor &weight,
                           const OptionalTensor &bias, const Tensor &mean, const OptionalTensor &var, double eps,
@@ -526,8 +527,9 @@ struct FixedBatchOp : public torch::autograd::Function<FixedBatchOp> {
         k.batch_fixed_fwd[d](x.data_ptr(), y.data_ptr(), n, c, l, static_cast<int>(lay), g.ptr(), g.code, bt.ptr(),
                              bt.code, m.ptr(), m.code, vv.ptr(), vv.code, eps, static_cast<int>(mode),
                              stats.data_ptr<double>(), threads_for(numel));
+        const bool keep_x = (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad());
         ctx->set_materialize_grads(false);
-        ctx->save_for_backward({x, w, stats});
+        ctx->save_for_backward({keep_x ? x : Tensor(), w, stats});
         ctx->saved_data["mode"] = mode;
         ctx->saved_data["lay"] = lay;
         save_bias(ctx, b);
@@ -538,6 +540,7 @@ struct FixedBatchOp : public torch::autograd::Function<FixedBatchOp> {
         const variable_list none(8);
         if (!grads[0].defined()) return none;
         if (at::GradMode::is_enabled()) return twice_differentiable(ctx, grads[0]);
+        if (!ctx->get_saved_variables()[0].defined()) return frozen(ctx, grads[0]);
         const Backward s(ctx, grads[0]);
         const Tensor &w = s.saved[1], &stats = s.saved[2];
         const int64_t c = s.c;
@@ -553,17 +556,39 @@ struct FixedBatchOp : public torch::autograd::Function<FixedBatchOp> {
         return out;
     }
 
-    // The same gradients from tensor operations (in x's arithmetic type), recorded for a further derivative.
+    // No parameter needs a gradient (x was not kept): dx = gamma rstd dy, from dy alone (whose dtype and shape are y's,
+    // so x's).
+    static variable_list frozen(AutogradContext *ctx, const Tensor &grad) {
+        const auto saved = ctx->get_saved_variables();
+        const Tensor &w = saved[1], &stats = saved[2];
+        const int lay = static_cast<int>(ctx->saved_data["lay"].toInt());
+        const Tensor dy = like(grad, grad, lay);
+        const int64_t n = dy.size(0), c = dy.size(1), numel = dy.numel();
+        const int nthreads = threads_for(numel);
+        wake_for(nthreads);
+        Tensor dx = at::empty_like(dy);
+        const Param g = typed(w, c, arith_of(dy));
+        const double *p = stats.data_ptr<double>();
+        k.batch_bwd[dtype_index(dy)](dy.data_ptr(), nullptr, dx.data_ptr(), n, c, numel / (n * c), lay, g.ptr(), g.code,
+                                     p, p + c, static_cast<int>(ctx->saved_data["mode"].toInt()), 0.0, nullptr,
+                                     nullptr, nullptr, 0, 1, nthreads);
+        variable_list out(8);
+        out[0] = dx;
+        return out;
+    }
+
+    // The same gradients from tensor operations (in the arithmetic type of x, whose dtype and shape are the
+    // gradient's), recorded for a further derivative.
     static variable_list twice_differentiable(AutogradContext *ctx, const Tensor &grad) {
         const auto saved = ctx->get_saved_variables();
         const Tensor &x = saved[0], &w = saved[1], &stats = saved[2];
-        const at::ScalarType a = arith_of(x);
-        std::vector<int64_t> shape(x.dim(), 1), dims{0};
-        shape[1] = x.size(1);
-        for (int64_t i = 2; i < x.dim(); i++) dims.push_back(i);
+        const at::ScalarType a = arith_of(grad);
+        std::vector<int64_t> shape(grad.dim(), 1), dims{0};
+        shape[1] = grad.size(1);
+        for (int64_t i = 2; i < grad.dim(); i++) dims.push_back(i);
         const Tensor rstd = stats[1].to(a).view(shape), dy = grad.to(a);
         variable_list out(8);
-        out[0] = (w.defined() ? dy * (w.to(a).view(shape) * rstd) : dy * rstd).to(x.scalar_type());
+        out[0] = (w.defined() ? dy * (w.to(a).view(shape) * rstd) : dy * rstd).to(grad.scalar_type());
         Edges edges;
         if (edges.wants(ctx, w.defined()))
             out[1] = (dy * (x.to(a) - stats[0].to(a).view(shape)) * rstd).sum(dims).to(w.scalar_type()).view(w.sizes());
