@@ -190,15 +190,15 @@ class _FixedBatchFn(torch.autograd.Function):
                 var: Optional[Tensor], eps: float, mode: str, lay: int) -> Tensor:
         y, stats = native.batch_fixed_forward(x, weight, bias, mean, var, eps, mode, lay=lay)
         ctx.mode, ctx.lay, ctx.bias_dtype = mode, lay, None if bias is None else bias.dtype
-        keep_x = any(p is not None and p.requires_grad for p in (weight, bias))
-        ctx.save_for_backward(x if keep_x else None, weight, stats)
+        ctx.keep_x = any(p is not None and p.requires_grad for p in (weight, bias))
+        ctx.save_for_backward(x if ctx.keep_x else None, weight, stats)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
         if torch.is_grad_enabled():
             dx, dweight, dbias = _fixed_grads_differentiable(ctx, dy)
-        elif ctx.saved_tensors[0] is None:  # no parameter needs a gradient: dx from dy alone (x's dtype and shape)
+        elif not ctx.keep_x:  # no parameter needs a gradient: dx from dy alone (x's dtype and shape)
             dy = native._like(dy, dy, ctx.lay)
             _, weight, stats = ctx.saved_tensors
             dx, dweight, dbias = native.batch_backward(dy, dy, weight, stats, ctx.mode, False, False, lay=ctx.lay,

@@ -532,6 +532,7 @@ struct FixedBatchOp : public torch::autograd::Function<FixedBatchOp> {
         ctx->save_for_backward({keep_x ? x : Tensor(), w, stats});
         ctx->saved_data["mode"] = mode;
         ctx->saved_data["lay"] = lay;
+        ctx->saved_data["keep_x"] = keep_x;
         save_bias(ctx, b);
         return y;
     }
@@ -540,7 +541,7 @@ struct FixedBatchOp : public torch::autograd::Function<FixedBatchOp> {
         const variable_list none(8);
         if (!grads[0].defined()) return none;
         if (at::GradMode::is_enabled()) return twice_differentiable(ctx, grads[0]);
-        if (!ctx->get_saved_variables()[0].defined()) return frozen(ctx, grads[0]);
+        if (!ctx->saved_data["keep_x"].toBool()) return frozen(ctx, grads[0]);
         const Backward s(ctx, grads[0]);
         const Tensor &w = s.saved[1], &stats = s.saved[2];
         const int64_t c = s.c;
