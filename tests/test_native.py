@@ -171,7 +171,8 @@ def test_one_position_runs_as_channels_last_and_equals_fallback(name, dtype, sha
 
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("rows", [5, 4096])  # threads split the rows, with per-chunk column sums
-@pytest.mark.parametrize("d", [96, 5])  # 5: rows shorter than a chunk, taken a block of rows at a time
+# 5, 12: rows shorter than a chunk, taken a block of rows at a time (columns by permutations, by gathers)
+@pytest.mark.parametrize("d", [96, 5, 12])
 def test_row_kernels_equal_fallback(rms, rows, d, fallback, streaming):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(rows, d, generator=gen, dtype=torch.float64) + 0.7
@@ -189,13 +190,15 @@ def test_row_kernels_equal_fallback(rms, rows, d, fallback, streaming):
 
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("d", [3, 13, 96, 100])  # no whole vector chunk (blocks of rows), whole chunks, and a tail
+# fewer than 16 features (blocks of rows: columns by permutations up to 7, by gathers from 8), fewer than a chunk
+# (rows summed a batch at a time), whole chunks, and a tail
+@pytest.mark.parametrize("d", [1, 3, 7, 8, 15, 16, 96, 100])
 def test_row_kernels_in_storage_types_match_float64(rms, dtype, d, streaming):
     """The float32/bfloat16 row kernels (vector chunks, bfloat16 with gamma and beta in its chunk order; short
     rows a block at a time) against float64 math on the same inputs, with distinct gamma and beta per column so
     any misplaced weight shows."""
     gen = torch.Generator().manual_seed(4)
-    rows = 37 if d > 3 else 1000  # several blocks of short rows, split over threads
+    rows = 1000 if d < 16 else 37  # several blocks of short rows, split over threads, and a tail of rows
     x = (torch.randn(rows, d, generator=gen) * 1.5 + 0.3).to(dtype)
     w = torch.linspace(0.5, 2.0, d) * torch.where(torch.arange(d) % 2 == 0, 1.0, -1.0)
     b = torch.linspace(-1.0, 1.0, d)
