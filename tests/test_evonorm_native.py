@@ -77,17 +77,19 @@ def _check_against_formula(call, x, params, dy, formula, what=""):
     return got
 
 
-# (2, 40, 5, 7): channels_last rows of 40 channels folded to 80 values (nz_evo_width), the last row shorter
-SHAPES = [(3, 8, 5, 7), (4, 8, 6), (2, 8, 3, 4, 5), (5, 8), (2, 40, 5, 7)]
+# (2, 40, 5, 7): channels_last rows of 40 channels folded to 80 values (nz_evo_width), the last row shorter;
+# (2, 3, 9, 7), (2, 12, 9, 7): rows of 3 and 12 channels folded to 96 values (whole chunks), the last shorter
+SHAPES = [(3, 8, 5, 7), (4, 8, 6), (2, 8, 3, 4, 5), (5, 8), (2, 40, 5, 7), (2, 3, 9, 7), (2, 12, 9, 7)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("groups", [1, 4, 8])
+@pytest.mark.parametrize("groups", [1, 4, 8])  # (as many as divide the channels)
 def test_s0_native_matches_formula(dtype, shape, channels_last, groups, formula):
     torch.manual_seed(0)
+    groups = math.gcd(groups, shape[1])
     x = _layout(torch.randn(shape) * 2.0 - 0.3, channels_last).to(dtype)
     dy = torch.randn(shape).to(dtype)
     params = _params(shape[1], dtype, 1)
