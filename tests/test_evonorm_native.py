@@ -78,8 +78,9 @@ def _check_against_formula(call, x, params, dy, formula, what=""):
 
 
 # (2, 40, 5, 7): channels_last rows of 40 channels folded to 80 values (nz_evo_width), the last row shorter;
-# (2, 3, 9, 7), (2, 12, 9, 7): rows of 3 and 12 channels folded to 96 values (whole chunks), the last shorter
-SHAPES = [(3, 8, 5, 7), (4, 8, 6), (2, 8, 3, 4, 5), (5, 8), (2, 40, 5, 7), (2, 3, 9, 7), (2, 12, 9, 7)]
+# (2, 3, 9, 7), (2, 12, 9, 7): rows of 3 and 12 channels folded to 96 values (whole chunks), the last shorter;
+# (4, 8, 6), (3, 12, 25): contiguous rows shorter than a chunk (S0's padded to 16 and 32 values)
+SHAPES = [(3, 8, 5, 7), (4, 8, 6), (2, 8, 3, 4, 5), (5, 8), (2, 40, 5, 7), (2, 3, 9, 7), (2, 12, 9, 7), (3, 12, 25)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
